@@ -1,0 +1,103 @@
+"""A small reader for the safetensors format (8-byte little-endian header
+size, a JSON header of {name: {dtype, shape, data_offsets}}, raw bytes).
+
+Written here rather than taken from the `safetensors` package because its
+NumPy backend cannot represent bfloat16 or float8, both of which DeepSeek-V3
+checkpoints use; we widen them to float32 while reading.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Dict, Iterator, Tuple
+
+import numpy as np
+
+_PLAIN = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def _float8_e4m3_table() -> np.ndarray:
+    """float32 value of each of the 256 float8 e4m3fn bit patterns."""
+    bits = np.arange(256, dtype=np.uint32)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exponent = (bits >> 3) & 0xF
+    mantissa = (bits & 0x7).astype(np.float64)
+    normal = (1.0 + mantissa / 8.0) * np.exp2(exponent.astype(np.float64) - 7.0)
+    subnormal = (mantissa / 8.0) * np.exp2(-6.0)
+    value = sign * np.where(exponent == 0, subnormal, normal)
+    value[(bits & 0x7F) == 0x7F] = np.nan  # e4m3fn has NaN, no infinities
+    return value.astype(np.float32)
+
+
+def _float8_e5m2_table() -> np.ndarray:
+    bits = np.arange(256, dtype=np.uint32)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exponent = (bits >> 2) & 0x1F
+    mantissa = (bits & 0x3).astype(np.float64)
+    normal = (1.0 + mantissa / 4.0) * np.exp2(exponent.astype(np.float64) - 15.0)
+    subnormal = (mantissa / 4.0) * np.exp2(-14.0)
+    value = sign * np.where(exponent == 0, subnormal, normal)
+    value[exponent == 0x1F] = np.where(mantissa[exponent == 0x1F] == 0, np.inf, np.nan)
+    value[(exponent == 0x1F) & (bits & 0x80 > 0) & (mantissa == 0)] = -np.inf
+    return value.astype(np.float32)
+
+
+_F8_TABLES = {"F8_E4M3": _float8_e4m3_table, "F8_E5M2": _float8_e5m2_table}
+
+
+def _decode(raw: bytes, dtype: str, shape) -> np.ndarray:
+    if dtype in _PLAIN:
+        return np.frombuffer(raw, dtype=np.dtype(_PLAIN[dtype]).newbyteorder("<")).reshape(shape).copy()
+    if dtype == "BF16":
+        halves = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return halves.view(np.float32).reshape(shape)
+    if dtype in _F8_TABLES:
+        return _F8_TABLES[dtype]()[np.frombuffer(raw, dtype=np.uint8)].reshape(shape)
+    raise ValueError(f"safetensors: unsupported dtype {dtype!r}")
+
+
+def read_header(path: str) -> Tuple[dict, int]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def iter_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yields (name, array) for every tensor in one .safetensors file."""
+    header, base = read_header(path)
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            yield name, _decode(f.read(end - start), info["dtype"], tuple(info["shape"]))
+
+
+def load_file(path: str) -> Dict[str, np.ndarray]:
+    return dict(iter_tensors(path))
+
+
+def save_file(tensors: Dict[str, np.ndarray], path: str) -> None:
+    """Writes float32/float16/int tensors (used by tests and converters)."""
+    names = {np.dtype(v): k for k, v in _PLAIN.items()}
+    header, offset, blobs = {}, 0, []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for blob in blobs:
+            f.write(blob)

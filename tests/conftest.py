@@ -1,0 +1,44 @@
+"""Shared test helpers. Backend-specific code lives here so model tests stay
+backend-agnostic (they run under TensorFlow and JAX)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def gradients(model, loss_fn, *args):
+    """Gradients of loss_fn(model, *args) w.r.t. model.trainable_variables, as NumPy."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model, *args)
+        grads = tape.gradient(loss, model.trainable_variables)
+        return [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads]
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def f(train_values):
+            with keras.StatelessScope(state_mapping=list(zip(model.trainable_variables, train_values))
+                                      + list(zip(model.non_trainable_variables, non_trainable))):
+                return loss_fn(model, *args)
+
+        return [np.asarray(g) for g in jax.grad(f)(trainable)]
+    raise NotImplementedError(backend)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
