@@ -13,7 +13,8 @@ if ROOT not in sys.path:
 
 
 def gradients(model, loss_fn, *args):
-    """Gradients of loss_fn(model, *args) w.r.t. model.trainable_variables, as NumPy."""
+    """Gradients of loss_fn(model, *args) + the auxiliary losses the call adds
+    (model.losses) w.r.t. model.trainable_variables, as NumPy."""
     import keras
 
     backend = keras.backend.backend()
@@ -22,6 +23,7 @@ def gradients(model, loss_fn, *args):
 
         with tf.GradientTape() as tape:
             loss = loss_fn(model, *args)
+            loss = loss + sum(model.losses) if model.losses else loss
         grads = tape.gradient(loss, model.trainable_variables)
         return [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads]
     if backend == "jax":
@@ -31,9 +33,11 @@ def gradients(model, loss_fn, *args):
         non_trainable = [v.value for v in model.non_trainable_variables]
 
         def f(train_values):
-            with keras.StatelessScope(state_mapping=list(zip(model.trainable_variables, train_values))
-                                      + list(zip(model.non_trainable_variables, non_trainable))):
-                return loss_fn(model, *args)
+            mapping = (list(zip(model.trainable_variables, train_values))
+                       + list(zip(model.non_trainable_variables, non_trainable)))
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+                loss = loss_fn(model, *args)
+            return loss + sum(scope.losses) if scope.losses else loss
 
         return [np.asarray(g) for g in jax.grad(f)(trainable)]
     raise NotImplementedError(backend)
