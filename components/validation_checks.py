@@ -1,0 +1,253 @@
+"""The integration checks behind the Evaluator gate (the seeds'
+IntegrationValidator), on a trained Keras model and real eval data.
+
+Each check returns {"passed": bool, "reason": str, ...measurements}. The gate
+blesses a model only when every enabled check passes. Thresholds live in one
+validated dataclass so a bad threshold fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class GateThresholds:
+    # Expert utilisation on eval data, per MoE layer.
+    max_expert_load_ratio: float = 4.0  # max/min routed assignments
+    max_expert_load_cv: float = 0.5  # coefficient of variation
+    # Fraction of trainable variables with a finite, non-zero gradient.
+    min_gradient_coverage: float = 0.95
+    # Absorbed-MLA cache bytes / standard MHA cache bytes.
+    max_cache_ratio_vs_mha: float = 0.2
+    # Cache bytes must grow linearly with sequence length (ratio per doubling / 2).
+    max_cache_scaling: float = 1.05
+    # Relative max |difference| / max |logit| allowed for the parity checks.
+    max_decode_parity_error: float = 1e-3
+    max_savedmodel_parity_error: float = 1e-3
+    # Quality: eval loss - optimal loss of the data (nats per token).
+    max_loss_gap_nats: float = 0.35
+    # Quality: allowed eval-loss increase over the last blessed model.
+    max_regression_nats: float = 0.02
+    eval_batches: int = 8
+    batch_size: int = 32
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"GateThresholds.{field.name}: must be a positive finite number, "
+                                 f"got {value!r}")
+        if self.min_gradient_coverage > 1:
+            raise ValueError("GateThresholds.min_gradient_coverage: must be <= 1")
+
+    @classmethod
+    def from_json(cls, text: Optional[str]) -> "GateThresholds":
+        values = json.loads(text) if text else {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"GateThresholds: unknown thresholds {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def _rel_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def eval_loss(model, tokens: np.ndarray, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats) over all target positions."""
+    from model.deepseek_v3 import sparse_ce
+
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start:start + batch_size]
+        logits = model(batch, training=False)
+        losses = np.asarray(sparse_ce(logits[:, :-1], batch[:, 1:]))
+        total += float(losses.sum())
+        count += losses.size
+    return total / count
+
+
+class IntegrationValidator:
+    def __init__(self, model, eval_tokens: np.ndarray, thresholds: GateThresholds):
+        if eval_tokens.ndim != 2 or len(eval_tokens) == 0:
+            raise ValueError("IntegrationValidator: eval_tokens must be a non-empty [N, L] array")
+        self.model = model
+        self.tokens = eval_tokens.astype(np.int32)
+        self.t = thresholds
+
+    # ---------------------------------------------------------------- checks
+    def forward_pass(self) -> Dict[str, Any]:
+        batch = self.tokens[: min(len(self.tokens), 4)]
+        logits = np.asarray(self.model(batch, training=False))
+        expected = (batch.shape[0], batch.shape[1], self.model.config.vocab_size)
+        finite = bool(np.isfinite(logits).all())
+        ok = logits.shape == expected and finite
+        return {"passed": ok, "shape": list(logits.shape), "expected_shape": list(expected),
+                "finite": finite,
+                "reason": "" if ok else f"logits shape {logits.shape} (want {expected}), finite={finite}"}
+
+    def gradient_flow(self) -> Dict[str, Any]:
+        import tensorflow as tf
+
+        from model.losses import NextTokenLoss
+
+        batch = self.tokens[: min(len(self.tokens), self.t.batch_size)]
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.model(batch, training=True)
+            loss = NextTokenLoss()(batch, logits)
+            if self.model.losses:
+                loss = loss + tf.add_n(self.model.losses)
+        grads = tape.gradient(loss, variables)
+        dead = []
+        for variable, grad in zip(variables, grads):
+            g = None if grad is None else np.asarray(tf.convert_to_tensor(grad))
+            if g is None or not np.isfinite(g).all() or not np.any(g):
+                dead.append(variable.path)
+        coverage = 1 - len(dead) / len(variables)
+        ok = coverage >= self.t.min_gradient_coverage
+        return {"passed": ok, "coverage": coverage, "variables": len(variables),
+                "without_gradient": dead[:20],
+                "reason": "" if ok else f"gradient coverage {coverage:.3f} < {self.t.min_gradient_coverage}"}
+
+    def expert_utilization(self) -> Dict[str, Any]:
+        self.model.reset_expert_counts()
+        n = min(len(self.tokens), self.t.eval_batches * self.t.batch_size)
+        for start in range(0, n, self.t.batch_size):
+            self.model(self.tokens[start:start + self.t.batch_size], training=False)
+        layers = {}
+        problems = []
+        for name, stats in self.model.get_expert_utilization().items():
+            layers[name] = {k: stats[k] for k in ("max_min_ratio", "cv", "fraction", "bias")}
+            if stats["max_min_ratio"] > self.t.max_expert_load_ratio:
+                problems.append(f"{name} max/min load {stats['max_min_ratio']:.2f} > "
+                                f"{self.t.max_expert_load_ratio}")
+            if stats["cv"] > self.t.max_expert_load_cv:
+                problems.append(f"{name} load cv {stats['cv']:.2f} > {self.t.max_expert_load_cv}")
+        self.model.reset_expert_counts()
+        return {"passed": not problems, "layers": layers, "reason": "; ".join(problems)}
+
+    def memory(self, seq_lens=(64, 128, 256, 512)) -> Dict[str, Any]:
+        from model.analysis import kv_cache_bytes
+        from model.attention import MultiHeadAttention
+
+        config = self.model.config
+        mha_layer = MultiHeadAttention(config.replace(attention_type="mha"))
+        rows = []
+        for seq_len in seq_lens:
+            absorbed = self.model.init_caches(1, seq_len, mode="absorbed")
+            naive = self.model.init_caches(1, seq_len, mode="naive")
+            size = lambda caches: int(sum(np.asarray(t).nbytes for cache in caches for t in cache))
+            mha = size([mha_layer.init_cache(1, seq_len)] * config.num_hidden_layers)
+            rows.append({"seq_len": seq_len, "mla_absorbed_bytes": size(absorbed),
+                         "mla_naive_bytes": size(naive), "mha_bytes": mha,
+                         "analytic_absorbed_bytes": kv_cache_bytes(config, "mla_absorbed", 1, seq_len, 4)})
+        ratio = max(r["mla_absorbed_bytes"] / r["mha_bytes"] for r in rows)
+        scaling = max((b["mla_absorbed_bytes"] / a["mla_absorbed_bytes"]) / (b["seq_len"] / a["seq_len"])
+                      for a, b in zip(rows, rows[1:]))
+        analytic = all(r["mla_absorbed_bytes"] == r["analytic_absorbed_bytes"] for r in rows)
+        problems = []
+        if ratio > self.t.max_cache_ratio_vs_mha:
+            problems.append(f"absorbed cache is {ratio:.2%} of MHA's (max {self.t.max_cache_ratio_vs_mha:.0%})")
+        if scaling > self.t.max_cache_scaling:
+            problems.append(f"cache grows super-linearly ({scaling:.2f}x per unit length ratio)")
+        if not analytic:
+            problems.append("cache bytes differ from (kv_lora_rank + rope_dim) x layers x tokens")
+        return {"passed": not problems, "rows": rows, "ratio_vs_mha": ratio,
+                "scaling_efficiency": scaling, "matches_analytic": analytic, "reason": "; ".join(problems)}
+
+    def decode_parity(self, prefix: int = 8) -> Dict[str, Any]:
+        batch = self.tokens[:2]
+        length = batch.shape[1]
+        prefix = min(prefix, length - 1)
+        full = np.asarray(self.model(batch, training=False))
+        errors = {}
+        for mode in ("absorbed", "naive"):
+            caches = self.model.init_caches(len(batch), length, mode=mode)
+            key_mask = np.ones((len(batch), length), "int32")
+            positions = np.broadcast_to(np.arange(length, dtype="int32"), batch.shape)
+            logits, caches = self.model.call_with_cache(batch[:, :prefix], positions[:, :prefix], caches, 0, key_mask)
+            steps = [np.asarray(logits)]
+            for t in range(prefix, length):
+                logits, caches = self.model.call_with_cache(batch[:, t:t + 1], positions[:, t:t + 1],
+                                                            caches, t, key_mask)
+                steps.append(np.asarray(logits))
+            errors[mode] = _rel_error(np.concatenate(steps, axis=1), full)
+        worst = max(errors.values())
+        ok = worst <= self.t.max_decode_parity_error
+        return {"passed": ok, "relative_error": errors,
+                "reason": "" if ok else f"incremental decoding differs from the full forward by {worst:.2e}"}
+
+    def savedmodel_parity(self, serving_dir: str) -> Dict[str, Any]:
+        import tensorflow as tf
+
+        from data.tfrecord import serialize_sequences
+
+        batch = self.tokens[:4]
+        loaded = tf.saved_model.load(serving_dir)
+        serving = loaded.signatures["serving_default"]
+        outputs = serving(examples=tf.constant(serialize_sequences(batch)))
+        reference = np.asarray(self.model(batch, training=False))
+        error = _rel_error(outputs["logits"].numpy(), reference)
+        ok = error <= self.t.max_savedmodel_parity_error
+        return {"passed": ok, "relative_error": error, "signatures": sorted(loaded.signatures.keys()),
+                "reason": "" if ok else f"SavedModel logits differ from Keras by {error:.2e}"}
+
+    def quality(self, optimal_loss: Optional[float], baseline_loss: Optional[float]) -> Dict[str, Any]:
+        n = min(len(self.tokens), self.t.eval_batches * self.t.batch_size)
+        loss = eval_loss(self.model, self.tokens[:n], self.t.batch_size)
+        uniform = math.log(self.model.config.vocab_size)
+        problems = []
+        if not math.isfinite(loss):
+            problems.append(f"eval loss is {loss}")
+        if optimal_loss is not None and loss - optimal_loss > self.t.max_loss_gap_nats:
+            problems.append(f"eval loss {loss:.3f} is {loss - optimal_loss:.3f} nats above the data's "
+                            f"optimum {optimal_loss:.3f} (max gap {self.t.max_loss_gap_nats})")
+        if optimal_loss is None and loss >= uniform:
+            problems.append(f"eval loss {loss:.3f} is no better than uniform guessing ({uniform:.3f})")
+        if baseline_loss is not None and loss > baseline_loss + self.t.max_regression_nats:
+            problems.append(f"eval loss {loss:.3f} regresses on the blessed baseline's "
+                            f"{baseline_loss:.3f} by more than {self.t.max_regression_nats}")
+        return {"passed": not problems, "eval_loss": loss, "perplexity": math.exp(min(loss, 50)),
+                "optimal_loss": optimal_loss, "uniform_loss": uniform, "baseline_loss": baseline_loss,
+                "reason": "; ".join(problems)}
+
+    # ------------------------------------------------------------------- all
+    def run(self, serving_dir: Optional[str] = None, optimal_loss: Optional[float] = None,
+            baseline_loss: Optional[float] = None) -> Dict[str, Any]:
+        checks = {}
+        steps = [("forward_pass", self.forward_pass), ("expert_utilization", self.expert_utilization),
+                 ("memory", self.memory), ("decode_parity", self.decode_parity),
+                 ("quality", lambda: self.quality(optimal_loss, baseline_loss)),
+                 ("gradient_flow", self.gradient_flow)]
+        if serving_dir:
+            steps.append(("savedmodel_parity", lambda: self.savedmodel_parity(serving_dir)))
+        for name, fn in steps:
+            try:
+                checks[name] = fn()
+            except Exception as e:  # a crashing check fails the gate, with the error
+                checks[name] = {"passed": False, "reason": f"{type(e).__name__}: {e}"}
+        failures = [f"{name}: {c['reason']}" for name, c in checks.items() if not c["passed"]]
+        return {"blessed": not failures, "failures": failures, "checks": checks}
+
+
+def to_markdown(report: Dict[str, Any]) -> str:
+    lines = ["# Model validation report", "",
+             f"**Verdict: {'BLESSED' if report['blessed'] else 'NOT BLESSED'}**", ""]
+    if report["failures"]:
+        lines += ["Failures:", ""] + [f"- {f}" for f in report["failures"]] + [""]
+    lines += ["| check | passed | detail |", "|---|---|---|"]
+    for name, check in report["checks"].items():
+        detail = check.get("reason") or ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in check.items() if k not in ("passed", "reason") and not isinstance(v, (list, dict)))
+        lines.append(f"| {name} | {'yes' if check['passed'] else 'NO'} | {detail} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,145 @@
+"""Reads a run's ML Metadata store: executions, artifacts, the blessing and
+the lineage from the pushed model back to its examples."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+
+def _store(metadata_path: str):
+    from ml_metadata import metadata_store
+    from ml_metadata.proto import metadata_store_pb2
+
+    if not os.path.exists(metadata_path):
+        raise FileNotFoundError(f"no ML Metadata store at {metadata_path} (has the pipeline run?)")
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = metadata_path
+    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    return metadata_store.MetadataStore(config)
+
+
+def _value(v) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "struct_value":
+        from google.protobuf import json_format
+        return json_format.MessageToDict(v.struct_value)
+    if kind == "proto_value":
+        return str(v.proto_value.type_url)
+    return getattr(v, kind) if kind else None
+
+
+def _props(node) -> Dict[str, Any]:
+    out = {k: _value(v) for k, v in node.properties.items()}
+    out.update({k: _value(v) for k, v in node.custom_properties.items()})
+    return out
+
+
+_STATES = {0: "UNKNOWN", 1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
+
+
+def collect(metadata_path: str) -> Dict[str, Any]:
+    from ml_metadata.proto import metadata_store_pb2
+
+    store = _store(metadata_path)
+    artifact_types = {t.id: t.name for t in store.get_artifact_types()}
+    execution_types = {t.id: t.name for t in store.get_execution_types()}
+    context_types = {t.id: t.name for t in store.get_context_types()}
+    contexts = store.get_contexts()
+    runs = [{"id": c.id, "name": c.name, "type": context_types[c.type_id],
+             "created": c.create_time_since_epoch} for c in contexts
+            if context_types[c.type_id] == "pipeline_run"]
+    executions = [{
+        "id": e.id, "type": execution_types[e.type_id], "state": _STATES.get(e.last_known_state, "?"),
+        "component": _props(e).get("component_id", execution_types[e.type_id].split(".")[-1]),
+        "created": e.create_time_since_epoch,
+    } for e in store.get_executions()]
+    artifacts = [{
+        "id": a.id, "type": artifact_types[a.type_id], "uri": a.uri,
+        "state": metadata_store_pb2.Artifact.State.Name(a.state), "properties": _props(a),
+    } for a in store.get_artifacts()]
+    events = store.get_events_by_execution_ids([e["id"] for e in executions]) if executions else []
+    edges = [{"execution_id": ev.execution_id, "artifact_id": ev.artifact_id,
+              "kind": "input" if ev.type in (metadata_store_pb2.Event.INPUT,
+                                             metadata_store_pb2.Event.DECLARED_INPUT) else "output"}
+             for ev in events]
+    blessings = [a for a in artifacts if a["type"] == "ModelBlessing"]
+    for b in blessings:
+        failures = b["properties"].get("failures")
+        b["failures"] = json.loads(failures) if isinstance(failures, str) and failures else []
+    pushed = [a for a in artifacts if a["type"] == "PushedModel"]
+    return {"metadata_path": metadata_path, "runs": runs, "executions": executions,
+            "artifacts": artifacts, "events": edges, "blessings": blessings,
+            "lineage": lineage(artifacts, executions, edges, pushed[-1]["id"]) if pushed else []}
+
+
+def lineage(artifacts: List[dict], executions: List[dict], edges: List[dict],
+            artifact_id: int) -> List[dict]:
+    """Walks producer executions back from an artifact: a list of
+    {artifact, produced_by, inputs} steps, newest first."""
+    by_id = {a["id"]: a for a in artifacts}
+    ex_by_id = {e["id"]: e for e in executions}
+    steps, frontier, seen = [], [artifact_id], set()
+    while frontier:
+        aid = frontier.pop(0)
+        if aid in seen:
+            continue
+        seen.add(aid)
+        producer = next((e["execution_id"] for e in edges
+                         if e["artifact_id"] == aid and e["kind"] == "output"), None)
+        inputs = [e["artifact_id"] for e in edges
+                  if producer is not None and e["execution_id"] == producer and e["kind"] == "input"]
+        art = by_id[aid]
+        steps.append({"artifact_id": aid, "type": art["type"], "uri": art["uri"],
+                      "produced_by": ex_by_id[producer]["component"] if producer else None,
+                      "inputs": inputs})
+        frontier.extend(inputs)
+    return steps
+
+
+def render(info: Dict[str, Any], print_fn=print) -> None:
+    print_fn(f"ML Metadata: {info['metadata_path']}")
+    print_fn(f"\nRuns ({len(info['runs'])}):")
+    for r in info["runs"]:
+        print_fn(f"  {r['name']}")
+    print_fn(f"\nExecutions ({len(info['executions'])}):")
+    for e in info["executions"]:
+        print_fn(f"  #{e['id']:<4} {e['component']:<34} {e['state']}")
+    print_fn("\nArtifacts:")
+    for a in info["artifacts"]:
+        shown = {k: v for k, v in a["properties"].items()
+                 if k in ("split_names", "optimal_loss", "blessed", "eval_loss", "pushed",
+                          "pushed_version", "num_train", "num_eval", "name", "producer_component")}
+        print_fn(f"  #{a['id']:<4} {a['type']:<26} {a['uri']}")
+        if shown:
+            print_fn(f"        {json.dumps(shown, default=str)}")
+    print_fn("\nBlessings:")
+    for b in info["blessings"]:
+        verdict = "blessed" if b["properties"].get("blessed") == 1 else "NOT blessed"
+        print_fn(f"  #{b['id']} {verdict} (model {b['properties'].get('current_model_id')})")
+        for failure in b["failures"]:
+            print_fn(f"      - {failure}")
+    if info["lineage"]:
+        print_fn("\nLineage of the latest pushed model:")
+        for step in info["lineage"]:
+            origin = f"<- {step['produced_by']}" if step["produced_by"] else "(imported)"
+            print_fn(f"  {step['type']:<20} #{step['artifact_id']:<4} {origin}  inputs {step['inputs']}")
+    else:
+        print_fn("\nNo model has been pushed.")
+
+
+def to_dot(info: Dict[str, Any]) -> str:
+    """Graphviz source of the artifact/execution graph (`dot -Tpng`)."""
+    lines = ["digraph lineage {", "  rankdir=LR;"]
+    for e in info["executions"]:
+        lines.append(f'  e{e["id"]} [shape=box,label="{e["component"]}\\n{e["state"]}"];')
+    for a in info["artifacts"]:
+        lines.append(f'  a{a["id"]} [shape=ellipse,label="{a["type"]} #{a["id"]}"];')
+    for ev in info["events"]:
+        if ev["kind"] == "input":
+            lines.append(f'  a{ev["artifact_id"]} -> e{ev["execution_id"]};')
+        else:
+            lines.append(f'  e{ev["execution_id"]} -> a{ev["artifact_id"]};')
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""The one DAG definition. Runners (local, Kubeflow) only configure it.
+
+    ExampleGen (synthetic, or ImportExampleGen over your TFRecords)
+      -> StatisticsGen -> ExampleValidator (against CuratedSchemaGen's schema)
+      -> DataValidationGate (stops the run on any anomaly or empty split)
+      -> Trainer (components.trainer.run_fn)
+      -> IntegrationValidator gate (+ latest blessed model as baseline)
+      -> Pusher (only when blessed)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+from tfx import v1 as tfx
+from tfx.proto import example_gen_pb2
+
+from components.curated_schema import CuratedSchemaGen
+from components.data_validation import DataValidationGate
+from components.integration_validator import IntegrationValidator
+from components.synthetic_example_gen import SyntheticTokenExampleGen
+from pipeline.settings import PipelineSettings
+
+TRAINER_RUN_FN = "components.trainer.run_fn"
+
+
+def _example_gen(s: PipelineSettings):
+    if s.examples_dir:
+        # The user's own tokenized TFRecords: <dir>/train/* and <dir>/eval/*.
+        input_config = example_gen_pb2.Input(splits=[
+            example_gen_pb2.Input.Split(name="train", pattern="train/*"),
+            example_gen_pb2.Input.Split(name="eval", pattern="eval/*"),
+        ])
+        return tfx.components.ImportExampleGen(input_base=s.examples_dir, input_config=input_config)
+    spec = s.data_spec
+    params = {k: v for k, v in spec.to_dict().items()
+              if k not in ("kind", "vocab_size", "seq_len", "seed") and v is not None}
+    return SyntheticTokenExampleGen(
+        kind=spec.kind, vocab_size=spec.vocab_size, seq_len=spec.seq_len,
+        train_examples=s.train_examples, eval_examples=s.eval_examples, seed=spec.seed,
+        generator_params=params)
+
+
+def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = None,
+                    metadata_connection_config=None,
+                    beam_pipeline_args: Optional[List[str]] = None,
+                    trainer_platform_config=None) -> tfx.dsl.Pipeline:
+    s = settings
+    config = s.model_config
+    example_gen = _example_gen(s)
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = CuratedSchemaGen(vocab_size=config.vocab_size, seq_len=s.seq_len)
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
+    data_gate = DataValidationGate(anomalies=example_validator.outputs["anomalies"],
+                                   statistics=statistics_gen.outputs["statistics"])
+
+    trainer = tfx.components.Trainer(
+        run_fn=TRAINER_RUN_FN,
+        examples=example_gen.outputs["examples"],
+        schema=schema_gen.outputs["schema"],
+        train_args=tfx.proto.TrainArgs(num_steps=s.train_steps),
+        eval_args=tfx.proto.EvalArgs(num_steps=s.eval_steps),
+        custom_config=s.trainer_custom_config())
+    # The Trainer consumes nothing from the gate; this edge makes it wait for
+    # (and be skipped by) a failed data validation.
+    trainer.add_upstream_node(data_gate)
+    if trainer_platform_config is not None:
+        trainer.with_platform_config(trainer_platform_config)
+
+    baseline = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+
+    gate = IntegrationValidator(
+        model=trainer.outputs["model"],
+        examples=example_gen.outputs["examples"],
+        baseline_model=baseline.outputs["model"],
+        thresholds_json=json.dumps(s.thresholds, sort_keys=True))
+
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=gate.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=s.path("serving"))))
+
+    components = [example_gen, statistics_gen, schema_gen, example_validator, data_gate,
+                  trainer, baseline, gate, pusher]
+    return tfx.dsl.Pipeline(
+        pipeline_name=s.pipeline_name,
+        pipeline_root=pipeline_root or s.path("pipeline_root"),
+        components=components,
+        enable_cache=s.enable_cache,
+        metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=beam_pipeline_args if beam_pipeline_args is not None else s.beam_pipeline_args,
+    )
