@@ -72,7 +72,7 @@ class DeepSeekV3Config:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     scoring_func: str = "sigmoid"
-    first_k_dense_replace: int = 1
+    first_k_dense_replace: int = 1  # >= num_hidden_layers: every layer dense
     # Auxiliary-loss-free balancing: bias step gamma per training step.
     bias_update_speed: float = 0.001
     # Complementary sequence-wise balance loss weight alpha (0 disables it).
@@ -155,9 +155,6 @@ class DeepSeekV3Config:
         if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
             _fail("n_group", "group-limited routing scores each group by its top-2 experts, "
                   "so every group needs at least 2 experts")
-        if self.first_k_dense_replace > self.num_hidden_layers:
-            _fail("first_k_dense_replace",
-                  f"{self.first_k_dense_replace} exceeds num_hidden_layers={self.num_hidden_layers}")
         for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -33,20 +33,37 @@ _DIRECT_KEYS = (
 )
 
 
+# transformers' DeepseekV3Config defaults, used for keys a config.json omits
+# (they are the published 671B dimensions, not ours).
+_HF_DEFAULTS = {
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6, "rope_interleave": True, "attention_bias": False,
+    "tie_word_embeddings": False, "initializer_range": 0.02,
+}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config or our model."""
 
 
 def config_from_hf(hf: dict, **overrides) -> DeepSeekV3Config:
     """Translates a Hugging Face DeepSeek-V3 config dict into our config."""
-    values = {key: hf[key] for key in _DIRECT_KEYS if key in hf and hf[key] is not None}
+    values = {key: hf[key] if hf.get(key) is not None else _HF_DEFAULTS[key]
+              for key in _DIRECT_KEYS}
     if "q_lora_rank" in hf:
         values["q_lora_rank"] = hf["q_lora_rank"]  # None is meaningful: no query LoRA
-    values["n_shared_experts"] = hf.get("n_shared_experts") or 0
+    shared = hf.get("n_shared_experts", _HF_DEFAULTS["n_shared_experts"])
+    values["n_shared_experts"] = shared or 0
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-    scoring = hf.get("scoring_func", "sigmoid")
-    values["scoring_func"] = scoring
+    # DeepSeek-V3 (and transformers' DeepseekV3 model) always score experts with
+    # a sigmoid and route with noaux_tc; a V2-style `scoring_func` is ignored there.
+    values["scoring_func"] = "sigmoid"
     # transformers 5 folds rope_theta and the scaling into rope_parameters.
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or None
@@ -231,6 +248,8 @@ def load_hf_checkpoint(path: str, load_mtp: bool = False, **config_overrides):
             continue  # MTP layers present but not requested
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
+        if ".shared_experts." in key and tensors[key].size == 0:
+            continue  # n_shared_experts = 0 leaves zero-width tensors behind
         unused.append(key)
     if unused:
         raise CheckpointError(f"{path}: tensors not used by the model: {sorted(unused)[:10]}")

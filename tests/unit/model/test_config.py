@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.unit, pytest.mark.model]
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
     (dict(hidden_size=0), "hidden_size"),
     (dict(q_lora_rank=-3), "q_lora_rank"),
-    (dict(first_k_dense_replace=5, num_hidden_layers=2), "first_k_dense_replace"),
+    (dict(first_k_dense_replace=-1), "first_k_dense_replace"),
     (dict(attention_type="gqa"), "attention_type"),
     (dict(scoring_func="relu"), "scoring_func"),
     (dict(expert_capacity_factor=0.5), "expert_capacity_factor"),
