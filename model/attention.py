@@ -19,6 +19,9 @@ from .rms_norm import RMSNorm
 from .rotary import RotaryEmbedding, softmax_scale
 
 _MASKED = -1e9  # finite, so a fully masked (padding) row stays NaN-free
+# The latent RMSNorms use a fixed epsilon (DeepSeek-V3's inference code and
+# transformers alike), whatever rms_norm_eps says.
+_LATENT_NORM_EPS = 1e-6
 
 
 def _dense(units, use_bias, config, name):
@@ -66,11 +69,11 @@ class MultiHeadLatentAttention(keras.layers.Layer):
             self.q_proj = _dense(h * c.qk_head_dim, False, c, "q_proj")
         else:
             self.q_a_proj = _dense(c.q_lora_rank, c.attention_bias, c, "q_a_proj")
-            self.q_a_layernorm = RMSNorm(c.rms_norm_eps, name="q_a_layernorm")
+            self.q_a_layernorm = RMSNorm(_LATENT_NORM_EPS, name="q_a_layernorm")
             self.q_b_proj = _dense(h * c.qk_head_dim, False, c, "q_b_proj")
         self.kv_a_proj_with_mqa = _dense(c.kv_lora_rank + c.qk_rope_head_dim, c.attention_bias, c,
                                          "kv_a_proj_with_mqa")
-        self.kv_a_layernorm = RMSNorm(c.rms_norm_eps, name="kv_a_layernorm")
+        self.kv_a_layernorm = RMSNorm(_LATENT_NORM_EPS, name="kv_a_layernorm")
         self.kv_b_proj = _dense(h * (c.qk_nope_head_dim + c.v_head_dim), False, c, "kv_b_proj")
         self.o_proj = _dense(c.hidden_size, c.attention_bias, c, "o_proj")
         self.rotary = RotaryEmbedding(c.qk_rope_head_dim, c.rope_theta, c.yarn,

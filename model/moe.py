@@ -28,10 +28,10 @@ from keras import ops
 from .config import DeepSeekV3Config
 from .mlp import SwiGLUMLP
 
-# Score given to experts of groups that were not selected. HF transformers'
-# DeepseekV3TopkRouter fills them with 0.0 (the official inference code uses
-# -inf); sigmoid scores are > 0, so the two agree unless a bias is very negative.
-_UNSELECTED_GROUP_SCORE = 0.0
+# Experts of groups that were not selected can never be chosen (-inf, as in
+# the official inference code and transformers 5; older transformers used 0.0,
+# which lets a strongly negative bias pull in an expert from a dropped group).
+_UNSELECTED_GROUP_SCORE = float("-inf")
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tfx")

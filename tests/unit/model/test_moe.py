@@ -27,7 +27,7 @@ def _reference_routing(x, weight, bias, c):
     for s, ch in zip(scores, choice):
         groups = [np.sort(ch[g * per:(g + 1) * per])[-2:].sum() for g in range(c.n_group)]
         keep = np.argsort(groups)[::-1][: c.topk_group]
-        masked = np.array([ch[e] if e // per in keep else 0.0 for e in range(len(ch))])
+        masked = np.array([ch[e] if e // per in keep else -np.inf for e in range(len(ch))])
         idx = np.argsort(-masked, kind="stable")[: c.num_experts_per_tok]
         w = s[idx] / s[idx].sum() if c.norm_topk_prob else s[idx]
         out_idx.append(idx)
