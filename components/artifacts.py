@@ -6,4 +6,10 @@ from tfx.types import artifact
 class ValidationReport(artifact.Artifact):
     """The gate's human-readable verdict: report.json and report.md."""
 
-    TYPE_NAME = "components.artifacts.ValidationReport"
+    # KubeflowV2 encodes a custom type's TYPE_NAME as the KFP schema title,
+    # which must match `<namespace>.<Title>` (one dot, see TFX's
+    # kubeflow/v2/compiler_utils._SCHEMA_TITLE_RE), and its executor
+    # entrypoint imports the class back from that title with
+    # import_class_by_path. So the name is `<package>.<Class>`, and
+    # `components` re-exports the class (components/__init__.py).
+    TYPE_NAME = "components.ValidationReport"

@@ -6,8 +6,6 @@ Output `blessing` is a standard ModelBlessing: custom property `blessed`
 LatestBlessedModelStrategy reads), and `failures` (why not).
 """
 
-from __future__ import annotations
-
 import json
 import os
 from typing import Optional
@@ -62,7 +60,7 @@ def IntegrationValidator(
     examples: InputArtifact[standard_artifacts.Examples],
     blessing: OutputArtifact[standard_artifacts.ModelBlessing],
     report: OutputArtifact[ValidationReport],
-    baseline_model: Optional[InputArtifact[standard_artifacts.Model]] = None,
+    baseline_model: InputArtifact[standard_artifacts.Model] = None,
     thresholds_json: Parameter[str] = "{}",
 ):
     """Forward pass, gradient flow, expert balance, KV-cache memory, decode and

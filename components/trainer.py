@@ -83,12 +83,12 @@ def run_fn(fn_args, extra_callbacks: Optional[Sequence] = None,
                      if fn_args.eval_files else None)
 
     devices = tl.select_devices(t.devices)
-    strategy = tl.select_strategy(devices)
-    replicas = strategy.num_replicas_in_sync
-    if t.batch_size % replicas:
+    if t.batch_size % max(len(devices), 1):
         raise TrainerConfigError(
             f"custom_config['training']['batch_size']: {t.batch_size} is not divisible by the "
-            f"{replicas} replicas of {type(strategy).__name__} over {devices}")
+            f"{len(devices)} devices {devices} (one replica each)")
+    strategy = tl.select_strategy(devices)
+    replicas = strategy.num_replicas_in_sync
     policy, float8 = tl.resolve_precision(t.precision, devices)
     fingerprint = {"model_config": config.to_dict(), "seq_len": settings.seq_len,
                    "batch_size": t.batch_size, "seed": t.seed, "float8": float8,

@@ -340,6 +340,7 @@ class ExpertStats:
                 "bias_mean": float(bias.mean()),
                 "bias_spread": float(bias.max() - bias.min()),
                 "load_fraction": (load / total).tolist() if total else [0.0] * len(load),
+                "assignments": float(total),  # routed (token, expert) pairs = tokens x top_k
             }
         return out
 

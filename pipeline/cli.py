@@ -111,6 +111,106 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- Kubeflow
+def _add_pipeline_settings_args(p, required: bool = True) -> None:
+    """The PipelineSettings flags of `run` (same names and defaults), for
+    `compile` and `deploy` (where --image and --pipeline-root are needed
+    unless --package is given)."""
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--model-overrides", help='JSON of config fields, e.g. \'{"num_hidden_layers": 2}\'')
+    p.add_argument("--data", default="markov", help="uniform | zipf | markov | copy | mixture")
+    p.add_argument("--data-params", help='JSON generator parameters, e.g. \'{"order": 2}\'')
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--train-examples", type=int, default=4096)
+    p.add_argument("--eval-examples", type=int, default=512)
+    p.add_argument("--examples-dir", help="use your own TFRecords (<dir>/train/*, <dir>/eval/*)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--precision", default="auto", help="auto | float32 | bf16 | float8")
+    p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")
+    p.add_argument("--no-cache", action="store_true", help="compile with KFP caching off")
+    p.add_argument("--serving-dir", help="where Pusher pushes (default <pipeline-root>/serving)")
+    # Kubeflow.
+    p.add_argument("--image", required=required,
+                   help="image with the locked environment and this package (docker/Dockerfile)")
+    p.add_argument("--trainer-image", help="image for the Trainer only (docker/Dockerfile.gpu); default --image")
+    p.add_argument("--pipeline-root", required=required,
+                   help="artifact root every pod reads and writes: gs://..., s3://... or a mounted path")
+    p.add_argument("--platform", choices=("kfp", "vertex"), default="kfp",
+                   help="kfp: open-source Kubeflow Pipelines (drops the baseline resolver, which its "
+                        "backend cannot run); vertex: Vertex AI Pipelines")
+    p.add_argument("--gpu-type", help="Trainer accelerator (default nvidia.com/gpu for kfp, "
+                                      "NVIDIA_TESLA_A100 for vertex)")
+    p.add_argument("--gpu-count", type=int, default=1, help="Trainer accelerators; 0 = none")
+    p.add_argument("--cpu", default="8", help="Trainer CPU limit (e.g. 8, 500m)")
+    p.add_argument("--memory", default="32G", help="Trainer memory limit (e.g. 32G, 30Gi)")
+    p.add_argument("--beam-runner", default="DirectRunner",
+                   choices=("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner"))
+    p.add_argument("--beam-arg", action="append", help="a Beam pipeline argument (repeatable)")
+    p.set_defaults(run_dir="runs/default", metadata_path=None)
+
+
+def _compile_from_args(args, output: str) -> str:
+    from kubeflow.compile import beam_pipeline_args, beam_warnings, compile_pipeline
+
+    settings = _settings_from_args(args)
+    beam_args = beam_pipeline_args(args.beam_runner, args.beam_arg or (), settings.beam_pipeline_args)
+    for note in beam_warnings(args.beam_runner, beam_args):
+        print(f"deepseek-tfx: note: {note}", file=sys.stderr)
+    if args.gpu_count and not args.trainer_image:
+        print("deepseek-tfx: note: the Trainer requests a GPU but runs --image; build "
+              "docker/Dockerfile.gpu and pass --trainer-image for CUDA", file=sys.stderr)
+    return compile_pipeline(settings, output, image=args.image, pipeline_root=args.pipeline_root,
+                            gpu_type=args.gpu_type, gpu_count=args.gpu_count, cpu=args.cpu,
+                            memory=args.memory, beam_args=beam_args, trainer_image=args.trainer_image,
+                            platform=args.platform)
+
+
+def _cmd_compile(args) -> int:
+    from kubeflow.compile import CompileError
+    from pipeline.settings import SettingsError
+
+    try:
+        path = _compile_from_args(args, args.output)
+    except (SettingsError, CompileError, ValueError) as e:
+        print(f"deepseek-tfx compile: {e}", file=sys.stderr)
+        return 2
+    print(f"deepseek-tfx: compiled the pipeline to {path}")
+    return 0
+
+
+def _cmd_deploy(args) -> int:
+    import shutil
+    import tempfile
+
+    from kubeflow.compile import CompileError
+    from kubeflow.deploy import DeployError, check_reachable, deploy_compiled, parse_params
+    from pipeline.settings import SettingsError
+
+    token = args.token or os.environ.get("KFP_TOKEN")
+    try:
+        params = parse_params(args.param or [])
+        # Reachability and auth first: a bad host costs no compile and leaves nothing behind.
+        check_reachable(args.host, token, args.cookie)
+        with tempfile.TemporaryDirectory(prefix="deepseek-tfx-deploy-") as tmp:
+            if args.package:
+                compiled = args.package
+            else:
+                compiled = _compile_from_args(args, os.path.join(tmp, "deepseek-tfx.json"))
+            run = deploy_compiled(compiled, args.host, tmp, experiment=args.experiment, run_name=args.run_name,
+                                  params=params, namespace=args.namespace, token=token, cookie=args.cookie,
+                                  preflight=False)
+            if args.output and not args.package:
+                os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+                shutil.copyfile(compiled, args.output)
+    except (SettingsError, CompileError, DeployError, ValueError) as e:
+        print(f"deepseek-tfx deploy: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print(f"deepseek-tfx: run {run['run_id']} created in experiment {run['experiment']}: {run['url']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-tfx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_cmd_generate)
+
+    comp = sub.add_parser("compile", help="compile the pipeline for Kubeflow Pipelines (KFP v2 JSON)")
+    comp.add_argument("--output", required=True, help="the PipelineJob JSON to write")
+    _add_pipeline_settings_args(comp)
+    comp.set_defaults(func=_cmd_compile)
+
+    dep = sub.add_parser("deploy", help="compile and submit a run to Kubeflow Pipelines")
+    dep.add_argument("--host", required=True, help="KFP API/UI URL, e.g. http://localhost:8080")
+    dep.add_argument("--experiment", help="experiment (created if missing; default 'Default')")
+    dep.add_argument("--run-name")
+    dep.add_argument("--param", action="append", help="pipeline parameter NAME=VALUE (repeatable)")
+    dep.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
+    dep.add_argument("--token", help="bearer token (default $KFP_TOKEN)")
+    dep.add_argument("--cookie", help="auth cookie, e.g. authservice_session=...")
+    dep.add_argument("--package", help="submit this compiled JSON instead of compiling")
+    dep.add_argument("--output", help="also keep the compiled JSON here (after a successful submit)")
+    _add_pipeline_settings_args(dep, required=False)
+    dep.set_defaults(func=_cmd_deploy)
     return parser
 
 
