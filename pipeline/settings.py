@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from model import DeepSeekV3Config, get_preset
+from model import ConfigError, DeepSeekV3Config, get_preset
 
 _PRECISIONS = ("auto", "float32", "bf16", "float8")
 
@@ -89,8 +89,8 @@ class PipelineSettings:
     def model_config(self) -> DeepSeekV3Config:
         try:
             return get_preset(self.preset, **self.model_overrides)
-        except TypeError as e:
-            raise SettingsError(f"model_overrides: {e}") from None
+        except (TypeError, ConfigError) as e:
+            raise SettingsError(f"model: {e}") from None
 
     @property
     def data_spec(self):

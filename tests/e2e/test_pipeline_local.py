@@ -1,0 +1,174 @@
+"""The whole pipeline on LocalDagRunner (tiny config), and every way a bad
+run must stop before anything is pushed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+LOOSE_GATE = {"max_loss_gap_nats": 5.0, "max_expert_load_ratio": 100.0, "max_expert_load_cv": 5.0}
+
+
+def _settings(run_dir, **changes):
+    from pipeline.settings import PipelineSettings
+
+    values = dict(run_dir=str(run_dir), preset="tiny", seq_len=16, train_examples=512,
+                  eval_examples=64, train_steps=30, batch_size=16, eval_steps=2,
+                  checkpoint_every=10, log_every=10, thresholds=LOOSE_GATE)
+    values.update(changes)
+    return PipelineSettings(**values)
+
+
+def _run(settings):
+    from pipeline.local_runner import run_local
+
+    run_local(settings)
+
+
+def _info(settings):
+    from pipeline.inspect_metadata import collect
+
+    return collect(settings.path("metadata"))
+
+
+def _states(info):
+    return {e["component"]: e["state"] for e in info["executions"]}
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    settings = _settings(tmp_path_factory.mktemp("good"))
+    _run(settings)
+    return settings
+
+
+def test_pipeline_trains_blesses_and_pushes(good_run):
+    info = _info(good_run)
+    states = _states(info)
+    for component in ("SyntheticTokenExampleGen", "StatisticsGen", "CuratedSchemaGen",
+                      "ExampleValidator", "DataValidationGate", "Trainer",
+                      "IntegrationValidator", "Pusher"):
+        assert states.get(component) == "COMPLETE", (component, states)
+    (blessing,) = info["blessings"]
+    assert blessing["properties"]["blessed"] == 1 and blessing["failures"] == []
+    types = [step["type"] for step in info["lineage"]]
+    assert types[0] == "PushedModel" and "Model" in types and "Examples" in types
+    serving = good_run.path("serving")
+    versions = os.listdir(serving)
+    assert len(versions) == 1
+    assert os.path.exists(os.path.join(serving, versions[0], "saved_model.pb"))
+    examples = next(a for a in info["artifacts"] if a["type"] == "Examples")
+    assert examples["properties"]["optimal_loss"] > 0
+
+
+def test_pushed_model_generates(good_run):
+    from pipeline.serving import generate_from_pushed
+
+    out, _ = generate_from_pushed(good_run.path("serving"), [[1, 2, 3], [4]], 5)
+    assert np.asarray(out).shape == (2, 5)
+    assert np.all((np.asarray(out) >= 0) & (np.asarray(out) < 64))
+
+
+def test_gate_report_is_written(good_run):
+    info = _info(good_run)
+    report = next(a for a in info["artifacts"] if a["type"].endswith("ValidationReport"))
+    with open(os.path.join(report["uri"], "report.json")) as f:
+        content = json.load(f)
+    assert content["blessed"] is True
+    assert set(content["checks"]) >= {"forward_pass", "gradient_flow", "expert_utilization", "memory",
+                                      "decode_parity", "savedmodel_parity", "quality"}
+    assert os.path.exists(os.path.join(report["uri"], "report.md"))
+
+
+def test_second_run_reuses_cached_results(good_run):
+    _run(good_run)
+    info = _info(good_run)
+    assert len(info["runs"]) == 2
+    cached = [e["component"] for e in info["executions"] if e["state"] == "CACHED"]
+    assert "Trainer" in cached and "SyntheticTokenExampleGen" in cached
+
+
+def test_inspect_cli_shows_the_record(good_run):
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--run-dir", good_run.run_dir,
+                          "--json"], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert any(a["type"] == "PushedModel" for a in info["artifacts"])
+    assert info["lineage"][0]["type"] == "PushedModel"
+
+
+def test_model_failing_the_gate_is_not_pushed(tmp_path):
+    settings = _settings(tmp_path, thresholds={**LOOSE_GATE, "max_loss_gap_nats": 1e-6})
+    _run(settings)
+    info = _info(settings)
+    (blessing,) = info["blessings"]
+    assert blessing["properties"]["blessed"] == 0
+    assert any("quality" in f for f in blessing["failures"])
+    pushed = [a for a in info["artifacts"] if a["type"] == "PushedModel"]
+    assert all(a["properties"].get("pushed") != 1 for a in pushed)
+    serving = settings.path("serving")
+    assert not os.path.isdir(serving) or not os.listdir(serving)
+
+
+def test_diverging_training_fails_the_trainer_and_pushes_nothing(tmp_path):
+    settings = _settings(tmp_path, learning_rate=1e9, warmup_steps=1)
+    with pytest.raises(Exception, match="diverged"):
+        _run(settings)
+    states = _states(_info(settings))
+    assert states.get("Trainer") == "FAILED"
+    assert "Pusher" not in states and "IntegrationValidator" not in states
+
+
+def _write_user_examples(root, train_rows, eval_rows, feature="input_ids"):
+    import tensorflow as tf
+
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        with tf.io.TFRecordWriter(os.path.join(root, split, "data.tfrecord")) as writer:
+            for row in rows:
+                example = tf.train.Example(features=tf.train.Features(feature={
+                    feature: tf.train.Feature(int64_list=tf.train.Int64List(value=list(row)))}))
+                writer.write(example.SerializeToString())
+
+
+def _good_rows(n, seq_len=16, vocab=64, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=(n, seq_len)).tolist()
+
+
+@pytest.mark.parametrize("case, train, eval_, feature, expected", [
+    ("out_of_range", _good_rows(64)[:-1] + [[70] * 16], _good_rows(32, seed=1), "input_ids",
+     "Out-of-range"),
+    ("wrong_length", _good_rows(64), _good_rows(31, seed=1) + [[1] * 9], "input_ids", "input_ids"),
+    ("missing_feature", _good_rows(64), _good_rows(32, seed=1), "tokens", "input_ids"),
+    ("empty_eval", _good_rows(64), [], "input_ids", "eval"),
+])
+def test_bad_data_stops_before_the_trainer(tmp_path, case, train, eval_, feature, expected):
+    data_dir = tmp_path / "user_data"
+    _write_user_examples(str(data_dir), train, eval_, feature)
+    settings = _settings(tmp_path / "run", examples_dir=str(data_dir))
+    with pytest.raises(Exception, match=expected):
+        _run(settings)
+    states = _states(_info(settings))
+    assert states.get("DataValidationGate") == "FAILED", states
+    assert "Trainer" not in states and "Pusher" not in states
+    assert not os.path.isdir(settings.path("serving"))
+
+
+def test_invalid_settings_are_refused_before_anything_runs(tmp_path):
+    from pipeline.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="top_k"):
+        _settings(tmp_path, model_overrides={"num_experts_per_tok": 99})
+    with pytest.raises(SettingsError, match="max_position_embeddings"):
+        _settings(tmp_path, seq_len=4096)
+    run_dir = tmp_path / "cli_run"
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
+                          "--preset", "tiny", "--model-overrides", '{"n_group": 3}'],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "n_group" in out.stderr
+    assert not run_dir.exists()
