@@ -174,7 +174,12 @@ class _JaxState:
         self.non_trainable = list(module.non_trainable_variables)
 
     def values(self):
-        return ([v.value for v in self.trainable], [v.value for v in self.non_trainable])
+        """Copies of the current values: the jitted calls donate their state, which
+        must not delete the buffers the Keras variables still hold."""
+        import jax.numpy as jnp
+
+        copy = lambda vs: [jnp.array(v.value, copy=True) for v in vs]  # noqa: E731
+        return copy(self.trainable), copy(self.non_trainable)
 
     def run(self, fn, train_vals, nt_vals, *args, **kwargs):
         """Runs fn(*args) with the variables bound to the given values; returns
@@ -235,7 +240,10 @@ class TrainStep:
 
         self._fn = jax.jit(step, donate_argnums=(0,)) if jit else step
         train_vals, nt_vals = holder.values()
-        self._state = (train_vals, nt_vals, [v.value for v in optimizer.variables])
+        import jax.numpy as jnp
+
+        opt_vals = [jnp.array(v.value, copy=True) for v in optimizer.variables]
+        self._state = (train_vals, nt_vals, opt_vals)
 
     def _build_tf(self, jit):
         import tensorflow as tf
@@ -331,5 +339,16 @@ def nbytes(tensor) -> int:
     from keras import ops
 
     shape = tuple(int(d) for d in ops.shape(tensor))
-    dtype = np.dtype(ops.convert_to_numpy(ops.zeros((), tensor.dtype)).dtype)
-    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return int(np.prod(shape, dtype=np.int64)) * itemsize(tensor.dtype)
+
+
+def itemsize(dtype) -> int:
+    """Bytes per element of a backend or string dtype (bfloat16/float8 included)."""
+    import keras
+    import ml_dtypes
+    import numpy as np
+
+    name = keras.backend.standardize_dtype(dtype)
+    if hasattr(ml_dtypes, name):
+        return np.dtype(getattr(ml_dtypes, name)).itemsize
+    return np.dtype(name).itemsize

@@ -50,7 +50,7 @@ SIZES: Dict[str, Sizes] = {
     # CI: every code path at toy sizes, well under a minute.
     "smoke": Sizes(
         attn_seq_lens=(16, 32), attn_batch=1, attn_repeats=2,
-        moe_experts=(4, 8), moe_top_k=(1, 2), moe_tokens=64, moe_hidden=32, moe_expert_dim=16,
+        moe_experts=(4, 8), moe_top_k=(2,), moe_tokens=64, moe_hidden=32, moe_expert_dim=16,
         moe_repeats=2,
         decode_contexts=(32, 64), decode_batch=2, decode_repeats=2, decode_inner=2,
         fp8_steps=3, fp8_batch=2, fp8_seq_len=16,
@@ -119,15 +119,17 @@ def moe_config(num_experts: int, top_k: int, hidden: int, expert_dim: int) -> De
 
 def fp8_config(mode: str) -> DeepSeekV3Config:
     if mode == "smoke":
+        # One MoE layer: float8 compiles are the slowest part of the smoke run.
         return DeepSeekV3Config(
             vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-            num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=8,
+            num_hidden_layers=1, first_k_dense_replace=0, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=8,
             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
             num_experts_per_tok=2, n_group=1, topk_group=1)
-    # The "mini" preset's shape (vocab 128 matches the Markov data).
+    # The "mini" preset's widths (vocab 128 matches the Markov data) with 2
+    # layers (one dense, one MoE): float8 compiles are slow (~1 min on 2 cores).
     return DeepSeekV3Config(
         vocab_size=128, hidden_size=96, intermediate_size=256, moe_intermediate_size=64,
-        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=512,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
         q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         n_group=4, topk_group=2)

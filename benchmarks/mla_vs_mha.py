@@ -11,7 +11,9 @@ import numpy as np
 from . import common
 from .configs import SIZES, attention_config
 
-CACHE_DTYPE = "bfloat16"
+# float32: the dtype init_cache defaults to and the one the cache keeps. A
+# bfloat16 cache does not survive a call (see `_dtype_probe`).
+CACHE_DTYPE = "float32"
 
 
 def _prefill(layer, x, positions, mask, cache):
@@ -25,6 +27,32 @@ def _forward(layer, x, positions, mask, mode):
 
 def _cache_bytes(cache) -> int:
     return sum(common.nbytes(t) for t in cache)
+
+
+def _dtype_probe(layer, hidden, seq_len=8):
+    """Prefills a bfloat16 cache through the layer's __call__ and reports the
+    dtype and bytes of what comes back (Keras casts floating-point call
+    arguments, the cache included, to the layer's compute dtype)."""
+    import keras
+    from keras import ops
+
+    from model.deepseek_v3 import causal_mask
+
+    x = ops.ones((1, seq_len, hidden), "float32")
+    positions = ops.arange(seq_len, dtype="int32")[None]
+    cache = layer.init_cache(1, seq_len, "bfloat16", mode="absorbed")
+    _, new_cache = common.InferenceFn(layer, _prefill)(
+        x, positions, causal_mask(seq_len, seq_len), cache)
+    return {
+        "requested_dtype": "bfloat16",
+        "init_dtypes": [keras.backend.standardize_dtype(t.dtype) for t in cache],
+        "returned_dtypes": [keras.backend.standardize_dtype(t.dtype) for t in new_cache],
+        "init_bytes": _cache_bytes(cache),
+        "returned_bytes": _cache_bytes(new_cache),
+        "dtype_preserved": all(keras.backend.standardize_dtype(a.dtype)
+                               == keras.backend.standardize_dtype(b.dtype)
+                               for a, b in zip(cache, new_cache)),
+    }
 
 
 def run(mode: str) -> Dict[str, Any]:
@@ -45,7 +73,7 @@ def run(mode: str) -> Dict[str, Any]:
     }
     for layer in layers.values():
         layer.build((None, None, mla_config.hidden_size))
-    itemsize = np.dtype(ops.convert_to_numpy(ops.zeros((), CACHE_DTYPE)).dtype).itemsize
+    itemsize = common.itemsize(CACHE_DTYPE)
     rng = np.random.default_rng(0)
     batch = sizes.attn_batch
     rows: List[Dict[str, Any]] = []
@@ -97,8 +125,10 @@ def run(mode: str) -> Dict[str, Any]:
             row["mha_cache_bytes"] == row["mha_bytes_analytic"] == row["mha_bytes_model_analysis"])
         row["cache_ratio_mha_over_mla"] = row["mha_cache_bytes"] / row["mla_cache_bytes"]
         rows.append(row)
+    probe = {name: _dtype_probe(layer, mla_config.hidden_size) for name, layer in layers.items()}
     return {
         "rows": rows,
+        "bfloat16_cache_probe": probe,
         "config": {"mla": mla_config.to_dict(), "mha_head_dim": mha_config.baseline_head_dim,
                    "cache_dtype": CACHE_DTYPE, "bytes_per_element": itemsize, "batch": batch,
                    "timed": "jitted layer call: prefill of seq_len tokens into a fresh cache "

@@ -25,7 +25,7 @@ import os
 import keras
 import tensorflow as tf
 
-from components.training_loop import _relative_path, dtype_policy
+from components.training_loop import dtype_policy, relative_variable_path
 
 
 # -------------------------------------------------------------- the copy
@@ -42,10 +42,10 @@ def inference_model(trained, config):
         raise RuntimeError("inference_model: build the copy outside the training strategy's scope")
     with dtype_policy("float32"):
         copy = DeepSeekV3ForCausalLM(config)
-    source = {_relative_path(v): v for v in trained.weights}
+    source = {relative_variable_path(v): v for v in trained.weights}
     missing = []
     for variable in copy.weights:
-        key = _relative_path(variable)
+        key = relative_variable_path(variable)
         if key not in source:
             missing.append(key)
             continue

@@ -220,7 +220,8 @@ def evaluate_loss(model, patterns, seq_len: int, batch_size: int,
 
 
 # ------------------------------------------------------------- checkpoints
-def _relative_path(variable) -> str:
+def relative_variable_path(variable) -> str:
+    """A variable's path inside its model (the instance-specific model name stripped)."""
     return variable.path.split("/", 1)[1] if "/" in variable.path else variable.path
 
 
@@ -229,7 +230,7 @@ def model_variable_map(model) -> Dict[str, object]:
     own, instance-specific name stripped)."""
     mapping = {}
     for v in model.weights:
-        key = _relative_path(v)
+        key = relative_variable_path(v)
         if key in mapping:
             raise ValueError(f"two model variables share the path {key!r}")
         mapping[key] = v

@@ -151,7 +151,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         return ops.einsum("bshr,rhd->bshd", out_latent, w_uv)
 
     def call(self, x, positions, mask, cache=None, cache_index=None, mode=None):
-        mode = mode or self.config.mla_mode
+        # Without a cache (training, scoring) the naive form is the cheaper one
+        # and keeps every projection an ordinary (quantizable) Dense call; with
+        # a cache, the cache's layout decides.
+        mode = mode or "naive"
         cos, sin = self.rotary.cos_sin(positions)
         q_nope, q_rope = self._queries(x, cos, sin)
         latent, k_rope = self._latent(x, cos, sin)

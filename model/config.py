@@ -56,7 +56,7 @@ class DeepSeekV3Config:
     attention_bias: bool = False
     attention_type: str = "mla"  # "mha": the standard multi-head baseline
     mha_head_dim: Optional[int] = None  # baseline head size; default v_head_dim
-    mla_mode: str = "absorbed"  # how cached decoding runs: "absorbed" | "naive"
+    mla_mode: str = "absorbed"  # KV-cache layout for decoding: "absorbed" | "naive"
 
     # RoPE (applied to the qk_rope_head_dim part only) and YaRN.
     rope_theta: float = 10000.0

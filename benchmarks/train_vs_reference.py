@@ -1,0 +1,158 @@
+"""Training throughput: our jitted Keras training step against Hugging Face
+transformers' DeepseekV3ForCausalLM (PyTorch, CPU) on the same dimensions,
+batch, sequence length and thread count, measured in the same run.
+
+The reference runs in its own Python (torch + transformers), found in this
+order: the --reference-python argument, $DEEPSEEK_TFX_REFERENCE_PYTHON, then
+the well-known venvs below. Without one the reference entry says
+"skipped: <reason>" and only our number is reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import common
+from .configs import SIZES, train_config
+
+TARGET_SPEEDUP = 1.25
+ENV_VAR = "DEEPSEEK_TFX_REFERENCE_PYTHON"
+KNOWN_VENVS = ("/work/refenv/bin/python", "/work/refenv-bench/bin/python")
+REFERENCE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_torch.py")
+REFERENCE_TIMEOUT_S = 900
+
+
+def _next_token_loss(model, ids):
+    from keras import ops
+
+    from model.deepseek_v3 import sparse_ce
+
+    logits = model(ids, training=True)
+    return ops.mean(sparse_ce(logits[:, :-1], ids[:, 1:]))
+
+
+def measure_ours(config, batch: int, seq_len: int, repeats: int) -> Dict[str, Any]:
+    import keras
+    from keras import ops
+
+    from model import DeepSeekV3ForCausalLM
+    from model.analysis import parameter_count, train_flops_per_token
+
+    keras.utils.set_random_seed(0)
+    model = DeepSeekV3ForCausalLM(config)
+    step = common.TrainStep(model, keras.optimizers.AdamW(1e-3, weight_decay=0.01),
+                            _next_token_loss)
+    ids = ops.convert_to_tensor(
+        np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq_len)).astype("int32"))
+    timing = common.time_calls(lambda: step(ids), repeats=repeats, warmup=2)
+    tokens = batch * seq_len
+    flops_per_token = train_flops_per_token(config, seq_len)
+    tokens_per_s = tokens * 1e3 / timing["median_ms"]
+    return {
+        "tokens_per_s": tokens_per_s, "timing": timing, "compilations": step.compilations(),
+        "model_flops_per_token": flops_per_token,
+        "achieved_gflops_per_s": tokens_per_s * flops_per_token / 1e9,
+        "parameters": parameter_count(config)["total"],
+        "trainable_params_built": int(sum(int(np.prod(v.shape)) for v in model.trainable_variables)),
+    }
+
+
+def find_reference_python(explicit: Optional[str]) -> Tuple[Optional[str], List[str]]:
+    """-> (python path or None, notes on each candidate tried)."""
+    candidates = []
+    if explicit:
+        candidates.append(("--reference-python", explicit))
+    if os.environ.get(ENV_VAR):
+        candidates.append((ENV_VAR, os.environ[ENV_VAR]))
+    if not candidates:
+        candidates += [("known venv", path) for path in KNOWN_VENVS]
+    notes = []
+    for source, path in candidates:
+        if not os.path.exists(path):
+            notes.append(f"{source}: {path} does not exist")
+            continue
+        probe = subprocess.run(
+            [path, "-c", "import torch, transformers; "
+                         "from transformers import DeepseekV3ForCausalLM"],
+            capture_output=True, text=True, timeout=300)
+        if probe.returncode == 0:
+            return path, notes
+        tail = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["?"]
+        notes.append(f"{source}: {path} cannot import torch/transformers ({tail[0]})")
+    return None, notes
+
+
+def run_reference(python: str, config, batch: int, seq_len: int, steps: int,
+                  threads: int) -> Dict[str, Any]:
+    command = [python, REFERENCE_SCRIPT, "--config-json", config.to_json(), "--batch", str(batch),
+               "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", "3",
+               "--threads", str(threads)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERAS_BACKEND")}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env,
+                              timeout=REFERENCE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"reference timed out after {REFERENCE_TIMEOUT_S} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("REFERENCE_RESULT "):
+            result = json.loads(line[len("REFERENCE_RESULT "):])
+            result["python_executable"] = python
+            return result
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+    return {"skipped": f"reference failed (exit {proc.returncode}): {tail}"}
+
+
+def run(mode: str, reference_python: Optional[str] = None,
+        skip_reference: Optional[str] = None) -> Dict[str, Any]:
+    sizes = SIZES[mode]
+    config = train_config(mode)
+    batch, seq_len = sizes.train_batch, sizes.train_seq_len
+    threads = common.available_cores() if not common._CONFIGURED else common._CONFIGURED["threads"]
+    ours = measure_ours(config, batch, seq_len, sizes.train_repeats)
+    # The same model with the training forward in the naive (per-head
+    # keys/values) MLA form, as the reference computes it.
+    ours_naive = (None if mode == "smoke" else
+                  measure_ours(config.replace(mla_mode="naive"), batch, seq_len, sizes.train_repeats))
+    if skip_reference:
+        reference = {"skipped": skip_reference}
+        notes: List[str] = []
+    else:
+        python, notes = find_reference_python(reference_python)
+        if python is None:
+            reference = {"skipped": "no Python with torch + transformers: " + "; ".join(notes)}
+        else:
+            reference = run_reference(python, config, batch, seq_len, sizes.reference_steps, threads)
+    out: Dict[str, Any] = {
+        "ours_tokens_per_s": ours["tokens_per_s"],
+        "ours_naive_mla_tokens_per_s": ours_naive and ours_naive["tokens_per_s"],
+        "reference_tokens_per_s": reference.get("tokens_per_s"),
+        "config": config.to_dict(), "batch": batch, "seq_len": seq_len, "threads": threads,
+        "ours": ours, "ours_naive_mla": ours_naive, "reference": reference,
+    }
+    if "skipped" in reference:
+        out["reference_skipped"] = reference["skipped"]
+    else:
+        ratio = ours["tokens_per_s"] / reference["tokens_per_s"]
+        out["speedup"] = ratio
+        if ours_naive:
+            out["speedup_naive_mla"] = ours_naive["tokens_per_s"] / reference["tokens_per_s"]
+        out["target"] = {"speedup": TARGET_SPEEDUP, "met": ratio >= TARGET_SPEEDUP}
+        # Same dimensions => same trainable parameter count (the routing
+        # correction bias is a buffer in HF and non-trainable in ours).
+        out["same_parameter_count"] = ours["trainable_params_built"] == reference.get("parameters")
+        if not out["same_parameter_count"]:
+            out["parameter_mismatch"] = {"ours": ours["trainable_params_built"],
+                                         "reference": reference.get("parameters")}
+    if notes:
+        out["reference_search"] = notes
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "smoke"), indent=1))
