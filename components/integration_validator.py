@@ -12,6 +12,7 @@ from typing import Optional
 
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
+from tfx.dsl.io import fileio
 from tfx.types import standard_artifacts
 
 from components.artifacts import ValidationReport
@@ -23,7 +24,7 @@ def _load_keras_model(model_uri: str):
     import model.deepseek_v3  # noqa: F401  (registers the custom classes)
 
     path = os.path.join(model_uri, "keras", "model.keras")
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"gate: the model artifact has no Keras model at {path}")
     return keras.saving.load_model(path)
 
@@ -74,7 +75,7 @@ def IntegrationValidator(
     seq_len = examples.get_int_custom_property("seq_len") or None
     if not seq_len:
         summary_path = os.path.join(model.uri, "training_summary.json")
-        with open(summary_path) as f:
+        with fileio.open(summary_path) as f:
             seq_len = json.load(f)["seq_len"]
     tokens = _eval_tokens(examples, seq_len, thresholds.eval_batches * thresholds.batch_size)
     optimal = (examples.get_float_custom_property("optimal_loss")
@@ -82,21 +83,22 @@ def IntegrationValidator(
     baseline_loss = _baseline_loss(baseline_model, tokens, thresholds)
     serving_dir = os.path.join(model.uri, "Format-Serving")
     result = Checks(keras_model, tokens, thresholds).run(
-        serving_dir=serving_dir if os.path.isdir(serving_dir) else None,
+        serving_dir=serving_dir if fileio.isdir(serving_dir) else None,
         optimal_loss=optimal, baseline_loss=baseline_loss)
     result["model_uri"] = model.uri
     result["baseline_model_uri"] = baseline_model.uri if baseline_model is not None else None
     result["thresholds"] = json.loads(thresholds_json or "{}")
 
-    os.makedirs(report.uri, exist_ok=True)
-    with open(os.path.join(report.uri, "report.json"), "w") as f:
+    # fileio: artifact URIs may be gs:// (Kubeflow) as well as local paths.
+    fileio.makedirs(report.uri)
+    with fileio.open(os.path.join(report.uri, "report.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
-    with open(os.path.join(report.uri, "report.md"), "w") as f:
+    with fileio.open(os.path.join(report.uri, "report.md"), "w") as f:
         f.write(to_markdown(result))
 
     blessed = 1 if result["blessed"] else 0
-    os.makedirs(blessing.uri, exist_ok=True)
-    with open(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w") as f:
+    fileio.makedirs(blessing.uri)
+    with fileio.open(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w") as f:
         f.write("\n".join(result["failures"]))
     blessing.set_int_custom_property("blessed", blessed)
     blessing.set_string_custom_property("current_model", model.uri)

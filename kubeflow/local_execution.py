@@ -564,6 +564,7 @@ class _Run:
 
     def _subprocess(self, command: List[str], run: TaskRun, what: str) -> None:
         env = dict(os.environ)
+        env["KERAS_BACKEND"] = "tensorflow"  # as the images set it
         env.update(self.env or {})
         with open(run.log_path, "a") as log:
             log.write(f"$ {what}: {' '.join(c if len(c) < 200 else c[:60] + '...' for c in command)}\n")

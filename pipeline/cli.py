@@ -147,7 +147,8 @@ def _add_pipeline_settings_args(p, required: bool = True) -> None:
     p.add_argument("--memory", default="32G", help="Trainer memory limit (e.g. 32G, 30Gi)")
     p.add_argument("--beam-runner", default="DirectRunner",
                    choices=("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner"))
-    p.add_argument("--beam-arg", action="append", help="a Beam pipeline argument (repeatable)")
+    p.add_argument("--beam-arg", action="append",
+                   help="a Beam pipeline argument, written --beam-arg=--flag=value (repeatable)")
     p.set_defaults(run_dir="runs/default", metadata_path=None)
 
 
@@ -191,6 +192,13 @@ def _cmd_deploy(args) -> int:
     token = args.token or os.environ.get("KFP_TOKEN")
     try:
         params = parse_params(args.param or [])
+        if args.package:
+            from kubeflow.compile import load_pipeline_job
+            from kubeflow.deploy import check_params
+
+            check_params(load_pipeline_job(args.package)["pipelineSpec"], params)
+        elif not (args.image and args.pipeline_root):
+            raise CompileError("--image and --pipeline-root are required to compile (or pass --package)")
         # Reachability and auth first: a bad host costs no compile and leaves nothing behind.
         check_reachable(args.host, token, args.cookie)
         with tempfile.TemporaryDirectory(prefix="deepseek-tfx-deploy-") as tmp:
@@ -204,7 +212,7 @@ def _cmd_deploy(args) -> int:
             if args.output and not args.package:
                 os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
                 shutil.copyfile(compiled, args.output)
-    except (SettingsError, CompileError, DeployError, ValueError) as e:
+    except (SettingsError, CompileError, DeployError, ValueError, OSError) as e:
         print(f"deepseek-tfx deploy: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(f"deepseek-tfx: run {run['run_id']} created in experiment {run['experiment']}: {run['url']}")
