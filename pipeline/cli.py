@@ -112,10 +112,8 @@ def _cmd_generate(args) -> int:
 
 
 # --------------------------------------------------------------------------- Kubeflow
-def _add_pipeline_settings_args(p, required: bool = True) -> None:
-    """The PipelineSettings flags of `run` (same names and defaults), for
-    `compile` and `deploy` (where --image and --pipeline-root are needed
-    unless --package is given)."""
+def _add_settings_args(p) -> None:
+    """The PipelineSettings flags shared by `run`, `compile` and `deploy`."""
     p.add_argument("--preset", default="mini")
     p.add_argument("--model-overrides", help='JSON of config fields, e.g. \'{"num_hidden_layers": 2}\'')
     p.add_argument("--data", default="markov", help="uniform | zipf | markov | copy | mixture")
@@ -129,7 +127,14 @@ def _add_pipeline_settings_args(p, required: bool = True) -> None:
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--precision", default="auto", help="auto | float32 | bf16 | float8")
     p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")
-    p.add_argument("--no-cache", action="store_true", help="compile with KFP caching off")
+    p.add_argument("--no-cache", action="store_true", help="re-run (or compile with caching off) every component")
+
+
+def _add_pipeline_settings_args(p, required: bool = True) -> None:
+    """`run`'s settings flags plus the Kubeflow ones, for `compile` and
+    `deploy` (where --image and --pipeline-root are needed unless --package
+    is given)."""
+    _add_settings_args(p)
     p.add_argument("--serving-dir", help="where Pusher pushes (default <pipeline-root>/serving)")
     # Kubeflow.
     p.add_argument("--image", required=required,
@@ -234,21 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline locally (LocalDagRunner)")
     run.add_argument("--run-dir", default="runs/default",
                      help="pipeline root, ML Metadata and pushed models go here")
-    run.add_argument("--preset", default="mini")
-    run.add_argument("--model-overrides", help='JSON of config fields, e.g. \'{"num_hidden_layers": 2}\'')
-    run.add_argument("--data", default="markov", help="uniform | zipf | markov | copy | mixture")
-    run.add_argument("--data-params", help='JSON generator parameters, e.g. \'{"order": 2}\'')
-    run.add_argument("--seq-len", type=int, default=64)
-    run.add_argument("--train-examples", type=int, default=4096)
-    run.add_argument("--eval-examples", type=int, default=512)
-    run.add_argument("--examples-dir", help="use your own TFRecords (<dir>/train/*, <dir>/eval/*)")
-    run.add_argument("--steps", type=int, default=300)
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--learning-rate", type=float, default=3e-3)
-    run.add_argument("--precision", default="auto", help="auto | float32 | bf16 | float8")
-    run.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")
+    _add_settings_args(run)
     run.add_argument("--beam-arg", action="append", help="a Beam pipeline argument (repeatable)")
-    run.add_argument("--no-cache", action="store_true", help="re-run every component")
     run.add_argument("--pipeline-root")
     run.add_argument("--metadata-path")
     run.add_argument("--serving-dir")
