@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     group.add_argument("--quick", dest="mode", action="store_const", const="quick",
                        help="a few minutes on 2 CPU cores")
     group.add_argument("--full", dest="mode", action="store_const", const="full",
-                       help="all sizes, more repeats, backend comparison (~10+ minutes)")
+                       help="all sizes, more repeats (~10 minutes on 2 cores)")
     group.add_argument("--mode", dest="mode", choices=("smoke", "quick", "full"))
     parser.add_argument("--out", help="where to write the JSON result")
     parser.add_argument("--backend", choices=("jax", "tensorflow"),
@@ -254,7 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-reference", metavar="REASON",
                         help="do not run the PyTorch reference; record REASON")
     parser.add_argument("--compare-backends", action="store_true", default=None,
-                        help="also time our training step under both backends (default: --full)")
+                        help="also time our training step under JAX and TensorFlow (TF's XLA "
+                             "compile alone takes ~8 minutes on 2 cores)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="run each section in its own process (default: on, off for --smoke)")
     parser.add_argument("--section-timeout", type=float, default=1800.0)
@@ -347,7 +348,11 @@ def main(argv=None) -> int:
             f"1-minute load average reached {max(loads)} on {args.threads} threads while sections "
             "ran: other processes shared the cores, so times are noisy and partly inflated "
             "(compare the min_ms columns, and rerun on an idle machine for clean numbers)")
-    errors = {name: m["error"] for name, m in meta.items() if m.get("error")}
+    # A failed backend-comparison variant is recorded in backend_comparison
+    # (TF + XLA aborts on the grouped router's gradient, see README) and does
+    # not fail the run; a failed benchmark section does.
+    errors = {name: m["error"] for name, m in meta.items()
+              if m.get("error") and not name.startswith("train_step:")}
     if errors:
         out["errors"] = errors
     out["wall_s"] = round(time.time() - started, 1)
