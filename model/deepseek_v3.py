@@ -78,12 +78,15 @@ class DeepSeekV3ForCausalLM(keras.Model):
         self.built = True
 
     # ------------------------------------------------------------------ parts
-    def logits_from_hidden(self, normed_hidden):
+    def logits_from_hidden(self, normed_hidden, training=False):
         if self.lm_head is None:
             table = ops.cast(self.embed_tokens.embeddings, normed_hidden.dtype)
             logits = ops.matmul(normed_hidden, ops.transpose(table))
         else:
-            logits = self.lm_head(normed_hidden)
+            # `training` must reach the head explicitly: a float8-quantized Dense
+            # only trains its scales in training mode (JAX's stateless_call
+            # carries no call context).
+            logits = self.lm_head(normed_hidden, training=training)
         return ops.cast(logits, "float32")
 
     @staticmethod
@@ -113,7 +116,7 @@ class DeepSeekV3ForCausalLM(keras.Model):
             positions = positions_from_padding(padding_mask)
         mask = causal_mask(seq_len, seq_len, 0, padding_mask)
         hidden, _ = self.decode(token_ids, positions, mask, mode=mode, training=training)
-        logits = self.logits_from_hidden(self.norm(hidden))
+        logits = self.logits_from_hidden(self.norm(hidden), training=training)
         if training and self.mtp_modules:
             self.add_loss(self._mtp_loss(token_ids, hidden, positions, mask, training))
         return logits
@@ -129,7 +132,7 @@ class DeepSeekV3ForCausalLM(keras.Model):
             next_embeddings = self.embed_tokens(token_ids[:, k:])
             previous, normed = module(previous, next_embeddings, positions[:, :span],
                                       mask[:, :span, :span], training=training)
-            logits = self.logits_from_hidden(normed[:, :-1])
+            logits = self.logits_from_hidden(normed[:, :-1], training=training)
             total = total + ops.mean(sparse_ce(logits, token_ids[:, k + 1:]))
         return c.mtp_loss_weight / len(self.mtp_modules) * total
 

@@ -48,9 +48,11 @@ class TopkRouter(keras.layers.Layer):
         self.weight = self.add_weight(
             name="weight", shape=(input_shape[-1], c.n_routed_experts),
             initializer=keras.initializers.RandomNormal(stddev=c.initializer_range))
+        # autocast=False: under mixed_bfloat16 an autocast variable would be
+        # assigned in bf16, and gamma-sized bias steps would round away.
         self.e_score_correction_bias = self.add_weight(
             name="e_score_correction_bias", shape=(c.n_routed_experts,),
-            initializer="zeros", trainable=False, aggregation="mean")
+            initializer="zeros", trainable=False, aggregation="mean", autocast=False)
 
     def call(self, x):
         c = self.config
@@ -107,7 +109,7 @@ class DeepSeekMoE(keras.layers.Layer):
             name="experts_down_proj", shape=(experts, inner, hidden), initializer=init)
         # Statistics since the last reset_expert_counts(): routed assignments
         # per expert, assignments dropped by the training capacity, tokens seen.
-        stat = dict(initializer="zeros", trainable=False, aggregation="sum")
+        stat = dict(initializer="zeros", trainable=False, aggregation="sum", autocast=False)
         self.expert_load = self.add_weight(name="expert_load", shape=(experts,), **stat)
         self.dropped_tokens = self.add_weight(name="dropped_tokens", shape=(), **stat)
         self.tokens_seen = self.add_weight(name="tokens_seen", shape=(), **stat)
@@ -195,7 +197,7 @@ class DeepSeekMoE(keras.layers.Layer):
             if c.bias_update_speed > 0:
                 error = ops.mean(load_f) - load_f
                 bias = self.gate.e_score_correction_bias
-                bias.assign(bias + c.bias_update_speed * ops.sign(error))
+                bias.assign(ops.cast(bias, "float32") + c.bias_update_speed * ops.sign(error))
             if c.seq_aux_loss_alpha > 0:
                 self.add_loss(self._sequence_aux_loss(indices, scores, batch, seq_len))
         return ops.reshape(out, (batch, seq_len, hidden))

@@ -99,3 +99,29 @@ def test_loss_falls_on_a_learnable_task():
     last = model.evaluate(ids, ids, batch_size=64, verbose=0)
     assert first > np.log(32) * 0.9
     assert last < 0.3 * first, (first, last)
+
+
+def test_balance_bias_moves_by_gamma_under_mixed_bfloat16(rng):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = DeepSeekV3ForCausalLM(get_preset("tiny", bias_update_speed=0.001))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    bias = model.decoder_layers[1].mlp.gate.e_score_correction_bias
+    bias.assign(np.full(4, 0.6, "float32"))
+    model(_ids(rng, model.config, batch=4, seq=16), training=True)
+    value = np.asarray(bias)
+    assert value.dtype == np.float32
+    # A bf16 bias could only move in steps of 2**-8 near 0.6; gamma is 0.001.
+    np.testing.assert_allclose(np.abs(value - 0.6), 0.001, rtol=1e-3)
+
+
+def test_float8_training_reduces_the_loss(rng):
+    keras.utils.set_random_seed(0)
+    model = DeepSeekV3ForCausalLM(get_preset("tiny"))
+    model.quantize("float8")
+    ids = _ids(rng, model.config, batch=8, seq=16)
+    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=NextTokenLoss())
+    losses = model.fit(ids, ids, epochs=5, verbose=0).history["loss"]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0] - 0.2, losses
