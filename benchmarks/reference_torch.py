@@ -72,9 +72,6 @@ def hf_config_kwargs(ours: Dict[str, Any], rope_parameters_style: bool = True
         differences.append(
             f"ours drops routed assignments beyond capacity factor {ours['expert_capacity_factor']} "
             "in training; HF is dropless (loops over the experts hit)")
-    if ours.get("mla_mode", "absorbed") == "absorbed":
-        differences.append("ours computes the training forward in the absorbed (latent) form "
-                           "(mla_mode='absorbed'); HF materialises per-head keys/values")
     if ours.get("bias_update_speed", 0) > 0:
         differences.append("ours updates the routing correction bias every training step; "
                            "HF keeps it fixed")

@@ -222,7 +222,8 @@ def targets_summary(out: Dict[str, Any]) -> List[Dict[str, Any]]:
             rows.append({"target": "training tokens/s >= 1.25 x PyTorch reference",
                          "measured": round(train["speedup"], 3),
                          "measured_min_times": round(train.get("speedup_of_min_times", 0), 3),
-                         "met": train["target"]["met"]})
+                         "met": train["target"]["met"],
+                         "judged_on": train["target"].get("judged_on", "medians")})
         else:
             rows.append({"target": "training tokens/s >= 1.25 x PyTorch reference",
                          "measured": None, "met": None,
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="where to write the JSON result")
     parser.add_argument("--backend", choices=("jax", "tensorflow"),
                         default=os.environ.get("BENCH_BACKEND", "jax"),
-                        help="Keras backend (default jax: faster on CPU, see README)")
+                        help="Keras backend (default jax: compiles ~37x faster on CPU; see README)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for XLA/TF and torch (default: available cores)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
@@ -306,9 +307,9 @@ def main(argv=None) -> int:
     compare = args.compare_backends if args.compare_backends is not None else sizes.compare_backends
     if compare:
         comparison: Dict[str, Any] = {}
-        variants = [("train_step:1", backend) for backend in ("jax", "tensorflow")]
-        if args.mode == "full":
-            variants += [("train_step:4", backend) for backend in ("jax", "tensorflow")]
+        # n_group=1 runs on both backends; the train config's n_group=4 aborts
+        # TF's XLA (recorded as an error entry, see README finding 8).
+        variants = [(f"train_step:{g}", backend) for g in (1, 4) for backend in ("jax", "tensorflow")]
         for name, backend in variants:
             print(f"[run_all] {name} under {backend} ...", file=sys.stderr, flush=True)
             got = _spawn_section(name, args, backend, args.section_timeout)
