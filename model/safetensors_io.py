@@ -21,29 +21,30 @@ _PLAIN = {
 }
 
 
-def _float8_e4m3_table() -> np.ndarray:
-    """float32 value of each of the 256 float8 e4m3fn bit patterns."""
+def _float8_values(exponent_bits: int, mantissa_bits: int):
+    """(value, exponent, mantissa) of each of the 256 bit patterns of an IEEE-like
+    float8 with the given field widths, before special values."""
     bits = np.arange(256, dtype=np.uint32)
     sign = np.where(bits & 0x80, -1.0, 1.0)
-    exponent = (bits >> 3) & 0xF
-    mantissa = (bits & 0x7).astype(np.float64)
-    normal = (1.0 + mantissa / 8.0) * np.exp2(exponent.astype(np.float64) - 7.0)
-    subnormal = (mantissa / 8.0) * np.exp2(-6.0)
-    value = sign * np.where(exponent == 0, subnormal, normal)
+    exponent = (bits >> mantissa_bits) & ((1 << exponent_bits) - 1)
+    mantissa = (bits & ((1 << mantissa_bits) - 1)).astype(np.float64)
+    bias = (1 << (exponent_bits - 1)) - 1
+    step = float(1 << mantissa_bits)
+    normal = (1.0 + mantissa / step) * np.exp2(exponent.astype(np.float64) - bias)
+    subnormal = (mantissa / step) * np.exp2(1.0 - bias)
+    return sign * np.where(exponent == 0, subnormal, normal), exponent, mantissa, bits
+
+
+def _float8_e4m3_table() -> np.ndarray:
+    value, _, _, bits = _float8_values(4, 3)
     value[(bits & 0x7F) == 0x7F] = np.nan  # e4m3fn has NaN, no infinities
     return value.astype(np.float32)
 
 
 def _float8_e5m2_table() -> np.ndarray:
-    bits = np.arange(256, dtype=np.uint32)
-    sign = np.where(bits & 0x80, -1.0, 1.0)
-    exponent = (bits >> 2) & 0x1F
-    mantissa = (bits & 0x3).astype(np.float64)
-    normal = (1.0 + mantissa / 4.0) * np.exp2(exponent.astype(np.float64) - 15.0)
-    subnormal = (mantissa / 4.0) * np.exp2(-14.0)
-    value = sign * np.where(exponent == 0, subnormal, normal)
-    value[exponent == 0x1F] = np.where(mantissa[exponent == 0x1F] == 0, np.inf, np.nan)
-    value[(exponent == 0x1F) & (bits & 0x80 > 0) & (mantissa == 0)] = -np.inf
+    value, exponent, mantissa, _ = _float8_values(5, 2)
+    top = exponent == 0x1F  # IEEE-style: infinities and NaNs
+    value[top] = np.where(mantissa[top] == 0, np.sign(value[top]) * np.inf, np.nan)
     return value.astype(np.float32)
 
 

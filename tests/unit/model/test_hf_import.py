@@ -93,3 +93,15 @@ def test_reader_widens_bfloat16_and_float8(tmp_path):
     # e4m3fn bit patterns: 1.0 = 0x38, -2.5 = 0xC2, 0.15625 = 0x22, 448 = 0x7E.
     _raw_safetensors(tmp_path / "b.safetensors", "w", "F8_E4M3", [2, 2], bytes([0x38, 0xC2, 0x22, 0x7E]))
     np.testing.assert_array_equal(load_file(str(tmp_path / "b.safetensors"))["w"], values.reshape(2, 2))
+
+
+def test_float8_tables_match_ml_dtypes_for_every_bit_pattern():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from model.safetensors_io import _float8_e4m3_table, _float8_e5m2_table
+
+    patterns = np.arange(256, dtype=np.uint8)
+    for ours, theirs in ((_float8_e4m3_table(), ml_dtypes.float8_e4m3fn),
+                         (_float8_e5m2_table(), ml_dtypes.float8_e5m2)):
+        expected = patterns.view(theirs).astype(np.float32)
+        np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected))
+        np.testing.assert_array_equal(ours[~np.isnan(ours)], expected[~np.isnan(expected)])
