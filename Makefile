@@ -11,7 +11,7 @@ test: env
 	scripts/run_tests.sh
 
 benchmarks: env
-	.venv/bin/python -m benchmarks.run_all --quick --out benchmarks/results/quick.json
+	.venv/bin/python -m benchmarks.run_all --quick --out benchmarks/results/cpu_quick.json
 
 # Container images for Kubeflow Pipelines (docker/README.md). Needs Docker with BuildKit.
 IMAGE ?= deepseek-tfx
