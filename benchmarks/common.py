@@ -198,6 +198,17 @@ class _JaxState:
         return out, new_nt, losses
 
 
+def compilation_count(backend: str, fn) -> Optional[int]:
+    """Traces/compilations of a jitted JAX or tf.function callable, or None
+    when the backend does not say (e.g. an un-jitted function)."""
+    try:
+        if backend == "jax":
+            return int(fn._cache_size())
+        return int(fn.experimental_get_tracing_count())
+    except Exception:
+        return None
+
+
 class TrainStep:
     """One jit-compiled training step (forward + backward + optimizer update)
     of `module`. loss_fn(module, *batch) -> scalar; the auxiliary losses the
@@ -269,13 +280,8 @@ class TrainStep:
         return self._fn(*batch)
 
     def compilations(self) -> Optional[int]:
-        """How many times the step was traced/compiled (1 = no retracing)."""
-        try:
-            if self.backend == "jax":
-                return int(self._fn._cache_size())
-            return int(self._fn.experimental_get_tracing_count())
-        except Exception:
-            return None
+        """How many times the function was traced/compiled (1 = no retracing)."""
+        return compilation_count(self.backend, self._fn)
 
     def sync_to_module(self):
         """Writes the JAX state back into the Keras variables."""
@@ -325,12 +331,8 @@ class InferenceFn:
         return self._fn(*args)
 
     def compilations(self) -> Optional[int]:
-        try:
-            if self.backend == "jax":
-                return int(self._fn._cache_size())
-            return int(self._fn.experimental_get_tracing_count())
-        except Exception:
-            return None
+        """How many times the function was traced/compiled (1 = no retracing)."""
+        return compilation_count(self.backend, self._fn)
 
 
 def nbytes(tensor) -> int:

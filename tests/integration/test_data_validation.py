@@ -61,6 +61,19 @@ def _good_eval():
     return _token_examples(data.generate(SPEC, NUM_EVAL, start_index=10_000))
 
 
+def _validation_components(example_gen, schema_file):
+    """StatisticsGen -> ImportSchemaGen -> ExampleValidator -> DataValidationGate,
+    and a Trainer stand-in wired after the gate as the real pipeline does."""
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_file)
+    validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
+    gate = DataValidationGate(anomalies=validator.outputs["anomalies"], statistics=statistics_gen.outputs["statistics"])
+    trainer = TrainerStandIn()
+    trainer.add_upstream_node(gate)
+    return statistics_gen, schema_gen, validator, gate, trainer
+
+
 def _run_pipeline(root, train_examples, eval_examples):
     """Writes the inputs, runs the pipeline; returns (exception or None, {node_id: state})."""
     input_base = root / "input"
@@ -77,13 +90,7 @@ def _run_pipeline(root, train_examples, eval_examples):
             tfx.proto.Input.Split(name="eval", pattern="eval/*"),
         ]),
     )
-    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_file)
-    validator = tfx.components.ExampleValidator(
-        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
-    gate = DataValidationGate(anomalies=validator.outputs["anomalies"], statistics=statistics_gen.outputs["statistics"])
-    trainer = TrainerStandIn()
-    trainer.add_upstream_node(gate)
+    statistics_gen, schema_gen, validator, gate, trainer = _validation_components(example_gen, schema_file)
 
     mlmd_config = tfx.orchestration.metadata.sqlite_metadata_connection_config(str(root / "mlmd.sqlite"))
     pipeline = tfx.dsl.Pipeline(
@@ -217,13 +224,7 @@ def test_kubeflow_v2_compilation(tmp_path):
 
     schema_file = write_schema(str(tmp_path / "schema.pbtxt"), VOCAB, SEQ_LEN)
     example_gen = tfx.components.ImportExampleGen(input_base="gs://bucket/input")
-    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=schema_file)
-    validator = tfx.components.ExampleValidator(
-        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
-    gate = DataValidationGate(anomalies=validator.outputs["anomalies"], statistics=statistics_gen.outputs["statistics"])
-    trainer = TrainerStandIn()
-    trainer.add_upstream_node(gate)
+    statistics_gen, schema_gen, validator, gate, trainer = _validation_components(example_gen, schema_file)
     pipeline = tfx.dsl.Pipeline(
         pipeline_name="data-validation-kfp",
         pipeline_root="gs://bucket/root",
