@@ -59,7 +59,7 @@ def _cmd_run(args) -> int:
 
     print(f"deepseek-tfx: running the pipeline in {os.path.abspath(settings.run_dir)}")
     run_local(settings)
-    from pipeline.inspect_metadata import collect, render
+    from pipeline.inspect_metadata import collect
 
     info = collect(settings.path("metadata"))
     blessing = info["blessings"][-1] if info["blessings"] else None
