@@ -148,12 +148,16 @@ class DeepSeekV3ForCausalLM(keras.Model):
 
     def _mtp_loss(self, token_ids, hidden, positions, mask, training, padding_mask=None):
         """lambda / D * sum_k CE(module k's prediction of t_{i+k+1}), averaged
-        over real targets (pad targets ignored)."""
+        over real (position, target) pairs (pad targets ignored)."""
         c = self.config
         total = 0.0
         for k, logits in enumerate(self.mtp_logits(token_ids, hidden, positions, mask, training,
                                                    padding_mask), start=1):
-            target_mask = None if padding_mask is None else padding_mask[:, k + 1:]
+            # A target counts when it and the position predicting it are real
+            # (with left padding the last pad would otherwise predict t_0..t_k).
+            target_mask = None if padding_mask is None else (
+                ops.cast(padding_mask[:, k + 1:], "float32")
+                * ops.cast(padding_mask[:, : ops.shape(padding_mask)[1] - k - 1], "float32"))
             total = total + masked_mean(sparse_ce(logits, token_ids[:, k + 1:]), target_mask)
         return c.mtp_loss_weight / len(self.mtp_modules) * total
 

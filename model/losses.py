@@ -2,8 +2,9 @@
 input ids themselves; position i's logits are scored against token i+1.
 
 Plain id batches (what the Trainer and the demo feed `fit`) have no padding.
-For padded batches pass `y` = the ids and `sample_weight` = padding_mask[:, 1:]
-(the target mask, [B, S-1]) with `reduction="mean_with_sample_weight"`, so pad
+For padded batches pass `y` = the ids and `sample_weight` =
+padding_mask[:, 1:] * padding_mask[:, :-1] (real target after a real position,
+[B, S-1]) with `reduction="mean_with_sample_weight"`, so pad
 targets are ignored and the mean is over real targets; a dict y
 {"token_ids", "padding_mask"} does the same without a sample weight.
 """
@@ -29,5 +30,7 @@ class NextTokenLoss(keras.losses.Loss):
             return loss
         # Per-token losses of pad targets become 0 and the rest are rescaled
         # so the batch mean is the mean over real targets.
-        m = ops.cast(padding_mask, "float32")[:, 1:]
+        # A target counts when it and the position predicting it are real.
+        pm = ops.cast(padding_mask, "float32")
+        m = pm[:, 1:] * pm[:, :-1]
         return loss * m * ops.cast(ops.size(m), "float32") / ops.maximum(ops.sum(m), 1.0)
