@@ -112,7 +112,7 @@ def _value_and_grads(fn, variables, x):
         tape.watch(xt)
         loss = ops.sum(fn(xt) * probe)
     grads = tape.gradient(loss, [xt] + [v.value for v in variables])
-    return [np.asarray(g) for g in grads]
+    return [np.asarray(tf.convert_to_tensor(g)) for g in grads]  # gathers give IndexedSlices
 
 
 @pytest.mark.parametrize("experts,top_k,n_group,topk_group", CASES)
