@@ -131,7 +131,7 @@ def run_fn(fn_args, extra_callbacks: Optional[Sequence] = None,
             dataset = tl.train_dataset(train_patterns, settings.seq_len, t.batch_size, t.seed,
                                        skip_batches=start_step)
             model.fit(dataset, epochs=1, steps_per_epoch=remaining, verbose=0,
-                      callbacks=[monitor, *(extra_callbacks or [])])
+                      callbacks=[tl.RouterBiasUpdate(model), monitor, *(extra_callbacks or [])])
         else:
             log_fn(f"checkpoint is at step {start_step} = train_steps; nothing left to train")
         train_seconds = time.perf_counter() - train_started

@@ -346,6 +346,25 @@ class ExpertStats:
         return out
 
 
+class RouterBiasUpdate(keras.callbacks.Callback):
+    """Aux-loss-free balancing for `fit`: once per optimizer step, moves each
+    MoE router bias by the load routed during that step (counter snapshot at
+    batch begin, delta at batch end). The MoE forward never moves the bias.
+    List it before callbacks that reset the counters (TrainingMonitor)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.layers = [m for m in model.moe_layers() if m.config.bias_update_speed > 0]
+        self._before = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._before = [np.asarray(keras.ops.convert_to_numpy(m.expert_load)) for m in self.layers]
+
+    def on_train_batch_end(self, batch, logs=None):
+        for moe, before in zip(self.layers, self._before):
+            moe.apply_bias_update(np.asarray(keras.ops.convert_to_numpy(moe.expert_load)) - before)
+
+
 # -------------------------------------------------------------- monitoring
 class TrainingDiverged(RuntimeError):
     pass
