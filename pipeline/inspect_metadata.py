@@ -77,7 +77,8 @@ def collect(metadata_path: str) -> Dict[str, Any]:
             sibling = next((ev for ev in evaluations
                             if producer.get(ev["id"]) == producer.get(b["id"])), None)
             b["failures"] = sibling["failures"] if sibling else []
-    pushed = [a for a in artifacts if a["type"] == "PushedModel"]
+    # A Pusher that was not allowed to push still writes a PushedModel (pushed = 0).
+    pushed = [a for a in artifacts if a["type"] == "PushedModel" and a["properties"].get("pushed") == 1]
     return {"metadata_path": metadata_path, "runs": runs, "executions": executions,
             "artifacts": artifacts, "events": edges, "blessings": blessings,
             "evaluations": evaluations,
@@ -113,10 +114,10 @@ def read_evaluation(uri: str) -> Dict[str, Any]:
                 limit = threshold.change_threshold.absolute.value
                 what = f"change vs baseline {failure.metric_value.double_value.value:+.4f} > {limit:+.4f}"
             else:
-                bound = threshold.value_threshold
-                what = (f"{failure.metric_value.double_value.value:.4f} outside "
-                        f"[{bound.lower_bound.value if bound.HasField('lower_bound') else '-inf'}, "
-                        f"{bound.upper_bound.value if bound.HasField('upper_bound') else 'inf'}]")
+                bound, value = threshold.value_threshold, failure.metric_value.double_value.value
+                what = (f"{value:.4f} > upper bound {bound.upper_bound.value:.4f}"
+                        if bound.HasField("upper_bound") and value > bound.upper_bound.value else
+                        f"{value:.4f} < lower bound {bound.lower_bound.value:.4f}")
             out["failures"].append(f"tfma {failure.metric_key.name}: {what}")
     if validation.missing_thresholds:
         out["failures"].append(f"tfma: thresholds without a metric: {len(validation.missing_thresholds)}")

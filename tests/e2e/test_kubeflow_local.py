@@ -473,3 +473,24 @@ def test_blessing_names_the_model_for_the_kfp_model_resolver(local_run):
     what Vertex's model resolver filters on (name="{{...current_model_id}}")."""
     blessing = local_run.artifact("Evaluator", "blessing")
     assert blessing.metadata["current_model_id"] == local_run.artifact("Trainer", "model").name
+
+
+def test_second_vertex_run_compares_with_the_first_runs_model(local_run, compiled):
+    """What the current_model_id fix is for: run 2's resolver finds run 1's
+    blessed model, and the Evaluator compares the new model against it."""
+    from tests.support.kfp_local import run_compiled_locally
+
+    path, _ = compiled["vertex"]
+    second = run_compiled_locally(path, compiled["root"], local_run.metadata_path, run_id="run-2",
+                                  task_timeout=600)
+    assert second.succeeded
+    (baseline,) = second.tasks[VERTEX_BASELINE_TASK].outputs["model"]
+    assert baseline.name == local_run.artifact("Trainer", "model").name
+    blessing = second.artifact("Evaluator", "blessing")
+    assert blessing.metadata["baseline_model_id"] == baseline.name
+    assert blessing.metadata["current_model_id"] == second.artifact("Trainer", "model").name
+    import tensorflow_model_analysis as tfma
+
+    metrics = tfma.load_eval_result(second.artifact("Evaluator", "evaluation").uri,
+                                    model_name="candidate").slicing_metrics[0][1][""][""]
+    assert "token_loss_diff" in metrics
