@@ -11,13 +11,28 @@ Runtime: about 5 minutes on 2 CPU cores, almost all of it the local run
 """
 
 import http.server
+import importlib.util
 import json
 import os
+import sys
 import threading
 
 import pytest
 
 pytestmark = pytest.mark.e2e
+
+
+def _kfp_local():
+    """The KFP-backend emulator, tests/support/kfp_local.py, loaded by path:
+    `tests` is no package of ours to import from (IPython ships a `tests`
+    package, and TFMA puts IPython's extensions directory on sys.path)."""
+    if "kfp_local" not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "kfp_local.py")
+        spec = importlib.util.spec_from_file_location("kfp_local", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kfp_local"] = module  # before exec: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["kfp_local"]
 
 IMAGE = "registry.example/deepseek-tfx:test"
 TRAINER_IMAGE = "registry.example/deepseek-tfx-gpu:test"
@@ -379,10 +394,8 @@ def test_deploy_submits_the_pipeline_spec_yaml(compiled, capsys, tmp_path, monke
 # --------------------------------------------------------------------------- local run
 @pytest.fixture(scope="module")
 def local_run(compiled):
-    from tests.support.kfp_local import run_compiled_locally
-
     path, _ = compiled["vertex"]
-    return run_compiled_locally(path, compiled["root"], os.path.join(compiled["tmp"], "mlmd.sqlite"),
+    return _kfp_local().run_compiled_locally(path, compiled["root"], os.path.join(compiled["tmp"], "mlmd.sqlite"),
                                 run_id="run-1", task_timeout=600)
 
 
@@ -455,9 +468,7 @@ def test_local_run_is_recorded_in_ml_metadata_like_kfp(local_run):
 
 
 def test_resolver_queries_find_what_the_run_produced(local_run):
-    from tests.support.kfp_local import _Metadata
-
-    md = _Metadata(local_run.metadata_path, "deepseek-tfx", "probe")
+    md = _kfp_local()._Metadata(local_run.metadata_path, "deepseek-tfx", "probe")
     found = md.query('schema_title="tfx.ModelBlessing" AND state=LIVE AND metadata.blessed.number_value=1')
     # Only TFMA's blessing is a ModelBlessing; the checks' InfraBlessing is not a candidate.
     assert [a.name for a in found] == ["run-1/Evaluator/blessing"]
@@ -478,10 +489,8 @@ def test_blessing_names_the_model_for_the_kfp_model_resolver(local_run):
 def test_second_vertex_run_compares_with_the_first_runs_model(local_run, compiled):
     """What the current_model_id fix is for: run 2's resolver finds run 1's
     blessed model, and the Evaluator compares the new model against it."""
-    from tests.support.kfp_local import run_compiled_locally
-
     path, _ = compiled["vertex"]
-    second = run_compiled_locally(path, compiled["root"], local_run.metadata_path, run_id="run-2",
+    second = _kfp_local().run_compiled_locally(path, compiled["root"], local_run.metadata_path, run_id="run-2",
                                   task_timeout=600)
     assert second.succeeded
     (baseline,) = second.tasks[VERTEX_BASELINE_TASK].outputs["model"]

@@ -113,3 +113,26 @@ def test_latest_pushed_version_is_the_newest_complete_one(tmp_path):
             (serving / str(version) / "saved_model.pb").write_bytes(b"")
     (serving / "notes").mkdir()
     assert latest_pushed_version(str(serving)) == (200, str(serving / "200"))
+
+
+@pytest.mark.parametrize("baseline, producer", [
+    ("latest_blessed", "latest_blessed_model_resolver"), ("latest_pushed", "LatestPushedModel"), ("none", None)])
+def test_the_evaluator_baseline_is_an_explicit_option(baseline, producer):
+    from pipeline.pipeline import create_pipeline
+    from pipeline.settings import PipelineSettings
+
+    nodes = {n.id: n for n in create_pipeline(PipelineSettings(preset="tiny", seq_len=16),
+                                              baseline=baseline).components}
+    channel = nodes["Evaluator"].inputs.get("baseline_model")
+    assert (channel.producer_component_id if channel is not None else None) == producer
+    pusher = nodes["Pusher"].inputs
+    assert pusher["model_blessing"].producer_component_id == "Evaluator"
+    assert pusher["infra_blessing"].producer_component_id == "IntegrationValidator"
+
+
+def test_an_unknown_baseline_is_refused():
+    from pipeline.pipeline import create_pipeline
+    from pipeline.settings import PipelineSettings
+
+    with pytest.raises(ValueError, match="latest_pushed"):
+        create_pipeline(PipelineSettings(preset="tiny", seq_len=16), baseline="previous")
