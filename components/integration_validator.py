@@ -67,8 +67,7 @@ def IntegrationValidator(
     """Forward pass, gradient flow, expert balance, KV-cache memory, decode and
     SavedModel parity, and quality against the data's optimum and the last
     blessed model; blesses only when all pass."""
-    from components.validation_checks import GateThresholds, IntegrationValidator as Checks
-    from components.validation_checks import to_markdown
+    from components.validation_checks import GateThresholds, IntegrationChecks, to_markdown
 
     thresholds = GateThresholds.from_json(thresholds_json)
     keras_model = _load_keras_model(model.uri)
@@ -82,7 +81,7 @@ def IntegrationValidator(
                if examples.has_custom_property("optimal_loss") else None)
     baseline_loss = _baseline_loss(baseline_model, tokens, thresholds)
     serving_dir = os.path.join(model.uri, "Format-Serving")
-    result = Checks(keras_model, tokens, thresholds).run(
+    result = IntegrationChecks(keras_model, tokens, thresholds).run(
         serving_dir=serving_dir if fileio.isdir(serving_dir) else None,
         optimal_loss=optimal, baseline_loss=baseline_loss)
     result["model_uri"] = model.uri

@@ -1,5 +1,5 @@
-"""The integration checks behind the Evaluator gate (the seeds'
-IntegrationValidator), on a trained Keras model and real eval data.
+"""The integration checks (`IntegrationChecks`) behind the Evaluator gate,
+the `IntegrationValidator` component, on a trained Keras model and real eval data.
 
 Each check returns {"passed": bool, "reason": str, ...measurements}. The gate
 blesses a model only when every enabled check passes. Thresholds live in one
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -75,10 +75,10 @@ def eval_loss(model, tokens: np.ndarray, batch_size: int) -> float:
     return total / count
 
 
-class IntegrationValidator:
+class IntegrationChecks:
     def __init__(self, model, eval_tokens: np.ndarray, thresholds: GateThresholds):
         if eval_tokens.ndim != 2 or len(eval_tokens) == 0:
-            raise ValueError("IntegrationValidator: eval_tokens must be a non-empty [N, L] array")
+            raise ValueError("IntegrationChecks: eval_tokens must be a non-empty [N, L] array")
         self.model = model
         self.tokens = eval_tokens.astype(np.int32)
         self.t = thresholds

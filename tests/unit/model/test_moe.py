@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-from keras import ops
 
 from model import get_preset
 from model.moe import DeepSeekMoE
