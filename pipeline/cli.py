@@ -64,7 +64,7 @@ def _run_pipeline(args, console) -> int:
     try:
         settings = _settings_from_args(args)
     except (SettingsError, ValueError) as e:
-        print(f"deepseek-tfx run: invalid settings: {e}", file=console.terminal)
+        print(f"deepseek-tfx run: invalid settings: {e}", file=console.terminal_err)
         return EXIT_INVALID_SETTINGS
     from pipeline.local_runner import new_run_id, run_local
     from pipeline.run_report import run_outcome
@@ -116,15 +116,15 @@ def _report_failure(console, settings, run_id, error) -> None:
             component = failed[0] if failed else None
         except Exception:  # no record of the run (it failed before any component)
             component = None
-    console.say()
-    console.say("deepseek-tfx: the run FAILED" + (f" in {component}:" if component else ":"))
+    console.say(error=True)
+    console.say("deepseek-tfx: the run FAILED" + (f" in {component}:" if component else ":"), error=True)
     for line in failure_lines(error):
-        console.say(f"  {line}")
+        console.say(f"  {line}", error=True)
     if looks_like_bad_tfrecord(error):
         corrupt = find_corrupt_tfrecord(tfrecord_candidates(settings.examples_dir, settings.path("pipeline_root")))
         if corrupt:
-            console.say(f"  corrupt TFRecord file: {corrupt}")
-    console.say(f"The traceback and all other output are in {console.log_path}")
+            console.say(f"  corrupt TFRecord file: {corrupt}", error=True)
+    console.say(f"The traceback and all other output are in {console.log_path}", error=True)
 
 
 def _cmd_inspect(args) -> int:

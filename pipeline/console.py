@@ -115,6 +115,7 @@ class RunConsole:
         self.terminal_fd = self._saved_out
         self.terminal = self._terminal_arg or open(os.dup(self._saved_out), "w", buffering=1,
                                                    encoding="utf-8", errors="replace")
+        self.terminal_err = open(os.dup(self._saved_err), "w", buffering=1, encoding="utf-8", errors="replace")
         self._log = tempfile.TemporaryFile(mode="w+", buffering=1, encoding="utf-8", errors="replace")
         if not self.verbose:
             os.dup2(self._log.fileno(), 1)
@@ -162,6 +163,7 @@ class RunConsole:
         self._log.close()
         if self._terminal_arg is None:
             self.terminal.close()
+        self.terminal_err.close()
 
     # ------------------------------------------------------------ output
     def _sync(self) -> None:
@@ -171,16 +173,18 @@ class RunConsole:
 
     def flush(self) -> None:
         self.terminal.flush()
+        self.terminal_err.flush()
         self._log.flush()
 
     def _write_log(self, line: str) -> None:
         sys.stderr.flush()  # keep the order of our lines and third-party ones
         self._log.write(line + "\n")
 
-    def say(self, line: str = "") -> None:
-        """One of our lines: terminal and log."""
-        self.terminal.write(line + "\n")
-        self.terminal.flush()
+    def say(self, line: str = "", error: bool = False) -> None:
+        """One of our lines: terminal (stderr when `error`) and log."""
+        stream = self.terminal_err if error else self.terminal
+        stream.write(line + "\n")
+        stream.flush()
         self._write_log(line)
 
     def component_line(self, line: str) -> None:
