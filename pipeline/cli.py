@@ -1,4 +1,5 @@
-"""`deepseek-tfx`: the command-line entry point (thin: argument parsing only)."""
+"""`deepseek-tfx`: the command-line entry point (argument parsing, and what
+`run` reports: its verdict and exit status)."""
 
 from __future__ import annotations
 
@@ -290,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 
-    run = sub.add_parser("run", help="run the whole pipeline locally (LocalDagRunner)")
+    run = sub.add_parser("run", help="run the whole pipeline locally (LocalDagRunner)",
+                         epilog=f"exit status: {EXIT_PUSHED} pushed, {EXIT_NOT_PUSHED} completed but not pushed "
+                                f"(not blessed), {EXIT_FAILED} failed, {EXIT_INVALID_SETTINGS} invalid settings")
     run.add_argument("--run-dir", default="runs/default",
                      help="pipeline root, ML Metadata and pushed models go here")
     _add_settings_args(run)

@@ -61,7 +61,7 @@ def test_pushed_run_exits_0_and_shows_only_our_lines(pushed_run):
     assert "FutureWarning" in log and "Component Trainer is running." in log  # the noise went here
 
 
-def test_not_blessed_run_exits_3_with_this_runs_reasons(pushed_run):
+def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
     # Same run directory: the store already holds a blessed, pushed model,
     # and this run's verdict must not be taken from it.
     run_dir, _ = pushed_run
@@ -72,6 +72,11 @@ def test_not_blessed_run_exits_3_with_this_runs_reasons(pushed_run):
     assert "Model NOT pushed." in out.stdout
     assert "IntegrationValidator: NOT blessed" in out.stdout and "quality" in out.stdout
     assert "Trainer done (cached)" in out.stdout
+    # The first settings again: every execution is cached, the newest
+    # blessing in the store is the refusal above, and this run pushed.
+    out = _cli("--run-dir", str(run_dir), *TINY, "--thresholds", json.dumps(LOOSE_GATE))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Pusher done (cached)" in out.stdout and "Model blessed and pushed to" in out.stdout
 
 
 def test_corrupt_tfrecord_fails_with_the_file_named_and_no_traceback(tmp_path):
