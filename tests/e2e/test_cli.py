@@ -72,11 +72,22 @@ def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
     assert "Model NOT pushed." in out.stdout
     assert "IntegrationValidator: NOT blessed" in out.stdout and "quality" in out.stdout
     assert "Trainer done (cached)" in out.stdout
-    # The first settings again: every execution is cached, the newest
-    # blessing in the store is the refusal above, and this run pushed.
+    # The first settings again, after the refusal: the Trainer is reused, the
+    # gate runs against the blessed baseline and this run pushes.
     out = _cli("--run-dir", str(run_dir), *TINY, "--thresholds", json.dumps(LOOSE_GATE))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "Pusher done (cached)" in out.stdout and "Model blessed and pushed to" in out.stdout
+    assert "Trainer done (cached)" in out.stdout and "Model blessed and pushed to" in out.stdout
+
+    # Each run's record is found by its own pipeline-run id.
+    from pipeline.inspect_metadata import collect
+    from pipeline.run_report import run_outcome
+
+    metadata = str(run_dir / "metadata.sqlite")
+    runs = sorted(collect(metadata)["runs"], key=lambda r: r["created"])
+    first, refused, last = (run_outcome(metadata, r["name"]) for r in runs)
+    assert first.pushed and last.pushed and refused.pushed is None
+    assert [b.blessed for b in refused.blessings] == [False] and refused.states["Trainer"] == "CACHED"
+    assert last.pushed["pushed_version"] != first.pushed["pushed_version"]
 
 
 def test_corrupt_tfrecord_fails_with_the_file_named_and_no_traceback(tmp_path):
