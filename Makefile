@@ -15,7 +15,7 @@ benchmarks: env
 
 # Container images for Kubeflow Pipelines (docker/README.md). Needs Docker with BuildKit.
 IMAGE ?= deepseek-tfx
-TAG ?= $(shell sed -n 's/^ *version="\([^"]*\)".*/\1/p' setup.py)
+TAG ?= $(shell sed -n 's/^version = "\([^"]*\)".*/\1/p' pyproject.toml)
 DOCKER ?= docker
 
 .PHONY: image image-gpu image-beam

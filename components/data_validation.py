@@ -1,26 +1,6 @@
-"""Curated schema for token data and `DataValidationGate`, a pipeline gate on
-ExampleValidator's findings.
+"""`DataValidationGate`, a pipeline gate on ExampleValidator's findings
+(the schema it validates against is `components.curated_schema`).
 
-Schema
-------
-`make_schema` / `write_schema` build the curated schema of the ``input_ids``
-feature (int64 token ids): type INT, ``int_domain [0, vocab_size - 1]``,
-required in every example (``presence.min_fraction = 1.0``) and a fixed shape
-``[seq_len]``. The pipeline imports it with
-``tfx.components.ImportSchemaGen(schema_file=...)``. A fixed ``shape`` (rather
-than ``value_count {min: L max: L}``; the two are a proto ``oneof``) is what
-makes schema-driven parsing (``schema_utils.schema_as_feature_spec``, TFXIO,
-Transform) produce dense ``[batch, seq_len]`` tensors; TFDV validates both the
-same way (wrong lengths are reported as "Feature shape dropped").
-
-A curated, imported schema is the right choice here rather than SchemaGen
-(+ ``tfdv.update_schema``/hand edits): the constraints are known a priori from
-the data spec, while an inferred schema would take the vocabulary range from
-whatever ids happened to occur in the train sample (a valid but unseen id in
-eval would be flagged, an id >= vocab_size in train would be accepted).
-
-Gate
-----
 ExampleValidator only *records* anomalies (and a ``blessed`` custom property);
 it never fails, and it does not flag an empty split (TFDV only sets
 ``Anomalies.data_missing``). `DataValidationGate` turns its findings into a
@@ -48,11 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2
+from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tfx import types
 from tfx.dsl.components.base import base_component, base_executor, executor_spec
 from tfx.dsl.io import fileio
@@ -60,7 +39,7 @@ from tfx.types import artifact_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 from tfx.utils import io_utils
 
-FEATURE_KEY = "input_ids"
+from model.checks import check_int
 
 ANOMALIES_KEY = "anomalies"
 STATISTICS_KEY = "statistics"
@@ -71,40 +50,6 @@ REQUIRED_SPLITS_KEY = "required_splits"
 DEFAULT_REQUIRED_SPLITS = ("train", "eval")
 #: File ExampleValidator (TFX >= 0.29) writes per split: ``<uri>/Split-<name>/SchemaDiff.pb``.
 ANOMALIES_FILE_NAME = "SchemaDiff.pb"
-
-
-# --------------------------------------------------------------------------- schema
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def make_schema(vocab_size: int, seq_len: int, feature_name: str = FEATURE_KEY) -> schema_pb2.Schema:
-    """Schema of token sequences: one required INT feature of fixed shape
-    ``[seq_len]`` with values in ``[0, vocab_size - 1]``."""
-    vocab_size = _check_int("vocab_size", vocab_size, 2)
-    seq_len = _check_int("seq_len", seq_len, 1)
-    schema = schema_pb2.Schema()
-    feature = schema.feature.add(name=feature_name, type=schema_pb2.INT)
-    feature.int_domain.min = 0
-    feature.int_domain.max = vocab_size - 1
-    feature.presence.min_fraction = 1.0
-    feature.presence.min_count = 1
-    feature.shape.dim.add(size=seq_len)
-    return schema
-
-
-def write_schema(path: str, vocab_size: int, seq_len: int, feature_name: str = FEATURE_KEY) -> str:
-    """Write `make_schema(...)` as a text proto to the file ``path`` (local or
-    any filesystem TFX's fileio knows, e.g. gs://); returns ``path``.
-
-    Use the file with ``tfx.components.ImportSchemaGen(schema_file=path)``."""
-    parent = os.path.dirname(path)
-    if parent:
-        fileio.makedirs(parent)
-    io_utils.write_pbtxt_file(path, make_schema(vocab_size, seq_len, feature_name))
-    return path
 
 
 # --------------------------------------------------------------------------- checks
@@ -235,7 +180,7 @@ class DataValidationGateExecutor(base_executor.BaseExecutor):
     ) -> None:
         self._log_startup(input_dict, output_dict, exec_properties)
         min_examples = exec_properties.get(MIN_EXAMPLES_KEY)
-        min_examples = 1 if min_examples is None else _check_int(MIN_EXAMPLES_KEY, int(min_examples), 0)
+        min_examples = 1 if min_examples is None else check_int(MIN_EXAMPLES_KEY, int(min_examples), 0)
         required = _parse_required_splits(exec_properties.get(REQUIRED_SPLITS_KEY))
         problems, counts = find_problems(
             artifact_utils.get_single_instance(input_dict[ANOMALIES_KEY]),
@@ -296,7 +241,7 @@ class DataValidationGate(base_component.BaseComponent):
         min_examples: int = 1,
         required_splits: Sequence[str] = DEFAULT_REQUIRED_SPLITS,
     ):
-        _check_int(MIN_EXAMPLES_KEY, min_examples, 0)
+        check_int(MIN_EXAMPLES_KEY, min_examples, 0)
         if isinstance(required_splits, str) or not all(isinstance(s, str) for s in required_splits):
             raise ValueError(f"required_splits must be a list of split names, got {required_splits!r}")
         spec = DataValidationGateSpec(

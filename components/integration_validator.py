@@ -58,8 +58,7 @@ def IntegrationValidator(
 ):
     """Forward pass, gradient flow, expert balance, KV-cache memory, decode and
     SavedModel parity; blesses only when all pass."""
-    from components.validation_checks import GateThresholds, IntegrationValidator as Checks
-    from components.validation_checks import to_markdown
+    from components.validation_checks import GateThresholds, IntegrationChecks, to_markdown
 
     thresholds = GateThresholds.from_json(thresholds_json)
     keras_model = _load_keras_model(model.uri)
@@ -70,7 +69,7 @@ def IntegrationValidator(
             seq_len = json.load(f)["seq_len"]
     tokens = _eval_tokens(examples, seq_len, thresholds.eval_batches * thresholds.batch_size)
     serving_dir = os.path.join(model.uri, "Format-Serving")
-    result = Checks(keras_model, tokens, thresholds).run(
+    result = IntegrationChecks(keras_model, tokens, thresholds).run(
         serving_dir=serving_dir if fileio.isdir(serving_dir) else None)
     result["model_uri"] = model.uri
     result["thresholds"] = json.loads(thresholds_json or "{}")

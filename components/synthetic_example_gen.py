@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -72,6 +71,7 @@ from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 import data
 from data.spec import DataSpecError
 from data.tfrecord import FEATURE_KEY
+from model.checks import int_problem
 
 # Keys of the component's execution properties and output.
 KIND_KEY = "kind"
@@ -167,14 +167,10 @@ def _as_int(name: str, value: Any, minimum: int, maximum: Optional[int] = None) 
     # Integral floats are accepted: some orchestrators pass numbers as doubles.
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SyntheticExampleGenError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if value < minimum:
-        raise SyntheticExampleGenError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise SyntheticExampleGenError(f"{name} must be <= {maximum}, got {value}")
-    return value
+    problem = int_problem(value, minimum, maximum)
+    if problem:
+        raise SyntheticExampleGenError(f"{name} {problem}")
+    return int(value)
 
 
 def validate_split_sizes(

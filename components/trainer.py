@@ -33,8 +33,7 @@ import os
 import time
 from typing import Callable, Optional, Sequence
 
-from components.trainer_config import (TrainerConfigError, TrainerSettings,  # noqa: F401
-                                       parse_custom_config, validate_steps)
+from components.trainer_config import TrainerConfigError, TrainerSettings, parse_custom_config, validate_steps  # noqa: F401
 
 SUMMARY_FILE = "training_summary.json"
 KERAS_MODEL_PATH = os.path.join("keras", "model.keras")

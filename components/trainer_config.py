@@ -28,9 +28,8 @@ import numbers
 import os
 from typing import Any, Mapping, Optional, Tuple
 
+from model.checks import PRECISIONS, int_problem
 from model.config import ConfigError, DeepSeekV3Config
-
-PRECISIONS = ("auto", "float32", "bf16", "float8")
 
 _REQUIRED_TRAINING = ("batch_size", "learning_rate", "warmup_steps", "weight_decay",
                       "checkpoint_every", "log_every", "precision", "seed")
@@ -46,8 +45,9 @@ def _key(*path: str) -> str:
 
 
 def _int(value: Any, path: Tuple[str, ...], minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise TrainerConfigError(f"{_key(*path)}: must be an integer >= {minimum}, got {value!r}")
+    problem = int_problem(value, minimum)
+    if problem:
+        raise TrainerConfigError(f"{_key(*path)}: {problem}")
     return int(value)
 
 

@@ -1,4 +1,5 @@
-"""The integration checks (the seeds' IntegrationValidator), on a trained
+"""The integration checks (`IntegrationChecks`, the seeds' IntegrationValidator;
+the TFX component is `IntegrationValidator`), on a trained
 Keras model and real eval data: what TensorFlow Model Analysis cannot see
 (forward pass, gradient flow, expert balance, KV-cache memory, decode and
 SavedModel parity). Model quality -- the token loss against uniform, the
@@ -82,10 +83,10 @@ def eval_loss(model, tokens: np.ndarray, batch_size: int) -> float:
     return total / count
 
 
-class IntegrationValidator:
+class IntegrationChecks:
     def __init__(self, model, eval_tokens: np.ndarray, thresholds: GateThresholds):
         if eval_tokens.ndim != 2 or len(eval_tokens) == 0:
-            raise ValueError("IntegrationValidator: eval_tokens must be a non-empty [N, L] array")
+            raise ValueError("IntegrationChecks: eval_tokens must be a non-empty [N, L] array")
         self.model = model
         self.tokens = eval_tokens.astype(np.int32)
         self.t = thresholds

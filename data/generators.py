@@ -34,10 +34,11 @@ Per-kind sampling (row-vectorised within a block)
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Iterator, List, Tuple
 
 import numpy as np
+
+from model.checks import check_int
 
 from . import losses
 from .models import (
@@ -128,14 +129,8 @@ def _sample(m: Model, rng: np.random.Generator, n: int) -> np.ndarray:
 
 def generate_block(spec: DataSpec, block_index: int) -> np.ndarray:
     """Sequences ``[block_index * BLOCK_SIZE, (block_index + 1) * BLOCK_SIZE)`` as int32."""
-    block_index = _check_int("block_index", block_index, 0)
+    block_index = check_int("block_index", block_index, 0)
     return _sample(build_model(spec), rng_for(spec.seed, SEQUENCE_STREAM, block_index), BLOCK_SIZE)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def generate(spec: DataSpec, num_sequences: int, start_index: int = 0) -> np.ndarray:
@@ -148,8 +143,8 @@ def generate(spec: DataSpec, num_sequences: int, start_index: int = 0) -> np.nda
     """
     if not isinstance(spec, DataSpec):
         raise TypeError(f"spec must be a DataSpec, got {type(spec).__name__}")
-    n = _check_int("num_sequences", num_sequences, 0)
-    start = _check_int("start_index", start_index, 0)
+    n = check_int("num_sequences", num_sequences, 0)
+    start = check_int("start_index", start_index, 0)
     out = np.empty((n, spec.seq_len), dtype=np.int32)
     if n == 0:
         return out
@@ -164,8 +159,8 @@ def generate(spec: DataSpec, num_sequences: int, start_index: int = 0) -> np.nda
 
 def iter_generate(spec: DataSpec, num_sequences: int, start_index: int = 0) -> Iterator[np.ndarray]:
     """Like `generate` but yields the range in block-aligned int32 chunks (bounded memory)."""
-    n = _check_int("num_sequences", num_sequences, 0)
-    start = _check_int("start_index", start_index, 0)
+    n = check_int("num_sequences", num_sequences, 0)
+    start = check_int("start_index", start_index, 0)
     stop = start + n
     pos = start
     while pos < stop:
@@ -178,9 +173,9 @@ def shard_ranges(num_sequences: int, num_shards: int, start_index: int = 0) -> L
     """Split ``[start_index, start_index + num_sequences)`` into <= num_shards
     contiguous ``(start, count)`` ranges whose interior boundaries are multiples
     of ``BLOCK_SIZE`` (so no block is generated twice). Empty ranges are dropped."""
-    n = _check_int("num_sequences", num_sequences, 0)
-    shards = _check_int("num_shards", num_shards, 1)
-    start = _check_int("start_index", start_index, 0)
+    n = check_int("num_sequences", num_sequences, 0)
+    shards = check_int("num_shards", num_shards, 1)
+    start = check_int("start_index", start_index, 0)
     stop = start + n
     first_block, last_block = start // BLOCK_SIZE, (stop + BLOCK_SIZE - 1) // BLOCK_SIZE
     nblocks = last_block - first_block

@@ -28,6 +28,8 @@ import math
 import numbers
 from typing import Any, Mapping, Optional, Tuple
 
+from model.checks import int_problem
+
 KINDS = ("uniform", "zipf", "markov", "copy", "mixture")
 
 #: Markov tables have ``vocab_size ** order`` rows (one per context) ...
@@ -72,14 +74,10 @@ class DataSpecError(ValueError):
 
 
 def _as_int(field: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DataSpecError(field, f"must be an integer, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise DataSpecError(field, f"must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise DataSpecError(field, f"must be <= {maximum}, got {value}")
-    return value
+    problem = int_problem(value, minimum, maximum)
+    if problem:
+        raise DataSpecError(field, problem)
+    return int(value)
 
 
 def _as_positive_float(field: str, value: Any) -> float:

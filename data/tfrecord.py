@@ -9,7 +9,7 @@ and TF-free.
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 

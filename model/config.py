@@ -13,6 +13,8 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
+from .checks import int_problem
+
 _ATTENTION_TYPES = ("mla", "mha")
 _MLA_MODES = ("absorbed", "naive")
 _SCORING = ("sigmoid", "softmax")
@@ -117,15 +119,13 @@ class DeepSeekV3Config:
             "n_group",
             "topk_group",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                _fail(name, f"must be a positive integer, got {value!r}")
-        for name in ("qk_nope_head_dim", "n_shared_experts", "first_k_dense_replace",
-                     "num_nextn_predict_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                _fail(name, f"must be a non-negative integer, got {value!r}")
+        non_negative = ("qk_nope_head_dim", "n_shared_experts", "first_k_dense_replace",
+                        "num_nextn_predict_layers")
+        for names, minimum in ((positive, 1), (non_negative, 0)):
+            for name in names:
+                problem = int_problem(getattr(self, name), minimum)
+                if problem:
+                    _fail(name, problem)
         if self.q_lora_rank is not None and (
             not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0
         ):

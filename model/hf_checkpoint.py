@@ -15,7 +15,7 @@ import glob
 import json
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -238,7 +238,7 @@ def load_hf_checkpoint(path: str, load_mtp: bool = False, **config_overrides):
         a.used.update(key for key in tensors if key.startswith(prefix + ".embed_tokens")
                       or key.startswith(prefix + ".shared_head.head"))
 
-    mtp_prefix = re.compile(rf"model\.layers\.(\d+)\.")
+    mtp_prefix = re.compile(r"model\.layers\.(\d+)\.")
     unused = []
     for key in tensors:
         if key in a.used or key.endswith("rotary_emb.inv_freq"):

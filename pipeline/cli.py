@@ -1,4 +1,5 @@
-"""`deepseek-tfx`: the command-line entry point (thin: argument parsing only)."""
+"""`deepseek-tfx`: the command-line entry point (argument parsing, and what
+`run` reports: its verdict and exit status)."""
 
 from __future__ import annotations
 
@@ -47,30 +48,84 @@ def _settings_from_args(args):
     return PipelineSettings(**values)
 
 
+# Exit status of `run`; 2 is also argparse's for a bad command line.
+EXIT_PUSHED, EXIT_FAILED, EXIT_INVALID_SETTINGS, EXIT_NOT_PUSHED = 0, 1, 2, 3
+
+
 def _cmd_run(args) -> int:
+    from pipeline.console import RunConsole
+
+    with RunConsole(verbose=args.verbose) as console:
+        return _run_pipeline(args, console)
+
+
+def _run_pipeline(args, console) -> int:
     from pipeline.settings import SettingsError
 
     try:
         settings = _settings_from_args(args)
     except (SettingsError, ValueError) as e:
-        print(f"deepseek-tfx run: invalid settings: {e}", file=sys.stderr)
-        return 2
-    from pipeline.local_runner import run_local
+        print(f"deepseek-tfx run: invalid settings: {e}", file=console.terminal_err)
+        return EXIT_INVALID_SETTINGS
+    from pipeline.local_runner import new_run_id, run_local
+    from pipeline.run_report import run_outcome
 
-    print(f"deepseek-tfx: running the pipeline in {os.path.abspath(settings.run_dir)}")
-    run_local(settings)
-    from pipeline.inspect_metadata import collect
-
-    info = collect(settings.path("metadata"))
-    blessing = info["blessings"][-1] if info["blessings"] else None
-    if blessing and blessing["properties"].get("blessed") == 1 and info["lineage"]:
-        print(f"\nModel blessed and pushed to {settings.path('serving')}")
+    run_id = new_run_id()
+    run_dir = os.path.abspath(settings.run_dir)
+    log = console.attach(os.path.join(run_dir, "logs", f"run-{run_id.replace(':', '')}.log"))
+    console.say(f"deepseek-tfx: running the pipeline in {run_dir}")
+    console.say(f"  log: {log}")
+    console.watch_components()
+    try:
+        run_local(settings, run_id=run_id)
+    except Exception as e:  # any component's failure: a short account here, the traceback in the log
+        console.log_exception(e)
+        _report_failure(console, settings, run_id, e)
+        return EXIT_FAILED
+    outcome = run_outcome(settings.path("metadata"), run_id)
+    console.say()
+    if outcome.pushed is not None:
+        version = outcome.pushed.get("pushed_version")
+        console.say(f"Model blessed and pushed to {settings.path('serving')}"
+                    + (f" (version {version})" if version else ""))
+        code = EXIT_PUSHED
     else:
-        print("\nModel NOT pushed.")
-        for failure in (blessing or {}).get("failures", []):
-            print(f"  - {failure}")
-    print(f"Inspect the run: deepseek-tfx inspect --run-dir {settings.run_dir}")
-    return 0
+        console.say("Model NOT pushed.")
+        for blessing in outcome.blessings:
+            verdict = "blessed" if blessing.blessed else "NOT blessed"
+            console.say(f"  {blessing.component}: {verdict}")
+            for failure in blessing.failures:
+                console.say(f"    - {failure}")
+        code = EXIT_NOT_PUSHED
+    console.say(f"Inspect the run: deepseek-tfx inspect --run-dir {settings.run_dir}")
+    return code
+
+
+def _report_failure(console, settings, run_id, error) -> None:
+    from pipeline.run_report import (
+        failure_lines,
+        find_corrupt_tfrecord,
+        looks_like_bad_tfrecord,
+        run_outcome,
+        tfrecord_candidates,
+    )
+
+    component = console.events.running if console.events else None
+    if component is None:
+        try:
+            failed = run_outcome(settings.path("metadata"), run_id).failed
+            component = failed[0] if failed else None
+        except Exception:  # no record of the run (it failed before any component)
+            component = None
+    console.say(error=True)
+    console.say("deepseek-tfx: the run FAILED" + (f" in {component}:" if component else ":"), error=True)
+    for line in failure_lines(error):
+        console.say(f"  {line}", error=True)
+    if looks_like_bad_tfrecord(error):
+        corrupt = find_corrupt_tfrecord(tfrecord_candidates(settings.examples_dir, settings.path("pipeline_root")))
+        if corrupt:
+            console.say(f"  corrupt TFRecord file: {corrupt}", error=True)
+    console.say(f"The traceback and all other output are in {console.log_path}", error=True)
 
 
 def _cmd_inspect(args) -> int:
@@ -236,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 
-    run = sub.add_parser("run", help="run the whole pipeline locally (LocalDagRunner)")
+    run = sub.add_parser("run", help="run the whole pipeline locally (LocalDagRunner)",
+                         epilog=f"exit status: {EXIT_PUSHED} pushed, {EXIT_NOT_PUSHED} completed but not pushed "
+                                f"(not blessed), {EXIT_FAILED} failed, {EXIT_INVALID_SETTINGS} invalid settings")
     run.add_argument("--run-dir", default="runs/default",
                      help="pipeline root, ML Metadata and pushed models go here")
     _add_settings_args(run)
@@ -244,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pipeline-root")
     run.add_argument("--metadata-path")
     run.add_argument("--serving-dir")
+    run.add_argument("--verbose", action="store_true",
+                     help="show third-party output (warnings, TFX/absl logging, TensorFlow's C++ lines) on "
+                          "the terminal instead of in the run's log file (<run-dir>/logs/)")
     run.set_defaults(func=_cmd_run)
 
     inspect = sub.add_parser("inspect", help="show a run's ML Metadata record")

@@ -13,7 +13,8 @@ def run_demo(preset: str = "mini", steps: int = 300, batch_size: int = 32, seq_l
              learning_rate: float = 3e-3, seed: int = 0, log_every: int = 25, print_fn=print) -> dict:
     import keras
 
-    from data import DataSpec, generate as generate_tokens, optimal_loss
+    from data import DataSpec, optimal_loss
+    from data import generate as generate_tokens
     from model import DeepSeekV3ForCausalLM, NextTokenLoss, generate, get_preset
 
     config = get_preset(preset)

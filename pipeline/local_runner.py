@@ -3,7 +3,9 @@ path under one run directory."""
 
 from __future__ import annotations
 
+import datetime
 import os
+from typing import Optional
 
 from tfx import v1 as tfx
 
@@ -11,8 +13,24 @@ from pipeline.pipeline import create_pipeline
 from pipeline.settings import PipelineSettings
 
 
-def run_local(settings: PipelineSettings) -> None:
+def new_run_id() -> str:
+    # The format LocalDagRunner itself uses.
+    return datetime.datetime.now().isoformat()
+
+
+def run_local(settings: PipelineSettings, run_id: Optional[str] = None) -> str:
+    """Runs the pipeline; returns its pipeline-run id, the name of the run's
+    `pipeline_run` context in ML Metadata (`run_id`, else a new one)."""
+    from tfx.dsl.compiler import compiler, constants
+    from tfx.orchestration.portable import runtime_parameter_utils
+
     os.makedirs(settings.run_dir, exist_ok=True)
     metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(settings.path("metadata"))
     pipeline = create_pipeline(settings, metadata_connection_config=metadata)
-    tfx.orchestration.LocalDagRunner().run(pipeline)
+    ir = compiler.Compiler().compile(pipeline)
+    # Bound here so the caller can find this run's record; LocalDagRunner
+    # only fills the run id when it is still unset.
+    run_id = run_id or new_run_id()
+    runtime_parameter_utils.substitute_runtime_parameter(ir, {constants.PIPELINE_RUN_ID_PARAMETER_NAME: run_id})
+    tfx.orchestration.LocalDagRunner().run_with_ir(ir)
+    return run_id

@@ -9,8 +9,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from model import ConfigError, DeepSeekV3Config, get_preset
-
-_PRECISIONS = ("auto", "float32", "bf16", "float8")
+from model.checks import PRECISIONS, check_int
 
 
 def _is_remote(path: str) -> bool:
@@ -60,15 +59,13 @@ class PipelineSettings:
     def __post_init__(self):
         for name in ("seq_len", "train_examples", "eval_examples", "train_steps", "eval_steps",
                      "batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise SettingsError(f"{name}: must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name), 1, error=SettingsError)
         if self.seq_len < 2:
             raise SettingsError("seq_len: must be at least 2 (one input and one target)")
         if not (self.learning_rate > 0):
             raise SettingsError(f"learning_rate: must be positive, got {self.learning_rate!r}")
-        if self.precision not in _PRECISIONS:
-            raise SettingsError(f"precision: must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise SettingsError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
         if self.examples_dir is None and self.eval_examples < self.batch_size:
             raise SettingsError(f"eval_examples ({self.eval_examples}) must be >= batch_size ({self.batch_size})")
         if self.examples_dir is not None and not _is_remote(self.examples_dir) \

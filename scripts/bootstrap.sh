@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project environment at .venv/ from the lock file.
-# Idempotent: a stamp holding the hash of the lock file and setup.py makes a
-# second call a no-op until either changes.
+# Idempotent: a stamp holding the hash of the lock file and pyproject.toml
+# makes a second call a no-op until either changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv
 STAMP="$VENV/.deepseek-tfx-stamp"
-want="$(cat requirements/lock.txt setup.py | sha256sum | cut -d' ' -f1)"
+want="$(cat requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
   exit 0
@@ -36,6 +36,8 @@ rm -rf "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade "pip==24.2" "setuptools==75.1.0" "wheel==0.44.0"
 # The lock is the full resolved set, so no resolver run is needed (--no-deps).
 "$VENV/bin/python" -m pip install -q --no-deps -r requirements/lock.txt
+# A PEP 660 editable install (pyproject.toml), built by the setuptools pinned
+# above: no build isolation, so no download.
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$STAMP"
 echo "bootstrap: $VENV ready" >&2

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The test command: the whole suite under the TensorFlow backend (the
-# pipeline's), then the backend-agnostic model tests again under JAX (the GPU
-# machine's backend). Extra arguments go to both pytest runs.
+# The test command: the linter first (ruff, configured in pyproject.toml),
+# then the backend-agnostic model tests under JAX (the GPU machine's
+# backend), then the whole suite under the TensorFlow backend (the
+# pipeline's). Extra arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== ruff check"
+.venv/bin/ruff check .
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONHASHSEED=0
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -q)
 echo "== pytest (KERAS_BACKEND=jax, model tests)"

@@ -21,12 +21,8 @@ from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
 from tfx import v1 as tfx  # noqa: E402
 
 import data  # noqa: E402
-from components.data_validation import (  # noqa: E402
-    DataValidationError,
-    DataValidationGate,
-    make_schema,
-    write_schema,
-)
+from components.curated_schema import make_schema, write_schema  # noqa: E402
+from components.data_validation import DataValidationError, DataValidationGate  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -219,8 +215,9 @@ def test_bad_data_fails_the_gate(case, tmp_path):
 
 def test_kubeflow_v2_compilation(tmp_path):
     """The gate compiles for KubeflowV2 and add_upstream_node becomes a task dependency."""
-    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
     import json
+
+    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
 
     schema_file = write_schema(str(tmp_path / "schema.pbtxt"), VOCAB, SEQ_LEN)
     example_gen = tfx.components.ImportExampleGen(input_base="gs://bucket/input")

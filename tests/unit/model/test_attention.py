@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from keras import ops
 
 from model import get_preset
 from model.attention import MultiHeadAttention, MultiHeadLatentAttention

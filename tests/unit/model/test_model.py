@@ -1,10 +1,10 @@
 """The whole model: shapes, gradients, masks, save/load, learning."""
 
+import keras
 import numpy as np
 import pytest
-import keras
-
 from conftest import gradients
+
 from model import DeepSeekV3ForCausalLM, NextTokenLoss, get_preset
 
 pytestmark = [pytest.mark.unit, pytest.mark.model]

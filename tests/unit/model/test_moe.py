@@ -1,9 +1,9 @@
 """DeepSeekMoE: routing rules, grouped dropless compute, capacity, padding,
 balancing, the sequence-wise loss."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 from keras import ops
 
 from model import get_preset

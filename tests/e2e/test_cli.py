@@ -1,0 +1,126 @@
+"""`deepseek-tfx run` as a user sees it: our lines on the terminal, the
+third-party output in the run's log, a short account of a failure, and the
+exit status (0 pushed, 3 not pushed, 1 failed, 2 invalid settings).
+Failures and invalid settings are reported on stderr."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.test_pipeline_local import LOOSE_GATE, _good_rows, _write_user_examples
+
+pytestmark = pytest.mark.e2e
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--preset", "tiny", "--seq-len", "16", "--train-examples", "256", "--eval-examples", "32",
+        "--steps", "10", "--batch-size", "16"]
+NOISE = ("Traceback", "FutureWarning", "WARNING:absl", "cuda_", "I0000")
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # TensorFlow's C++ start-up lines as a user gets them
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=900)
+
+
+def _log_path(out):
+    match = re.search(r"(\S+/logs/run-\S+\.log)", out.stdout)
+    assert match, out.stdout
+    return match.group(1)
+
+
+def _assert_quiet(out):
+    terminal = out.stdout + out.stderr
+    for noise in NOISE:
+        assert noise not in terminal, (noise, terminal)
+
+
+@pytest.fixture(scope="module")
+def pushed_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    out = _cli("--run-dir", str(run_dir), *TINY, "--thresholds", json.dumps(LOOSE_GATE))
+    return run_dir, out
+
+
+def test_pushed_run_exits_0_and_shows_only_our_lines(pushed_run):
+    run_dir, out = pushed_run
+    assert out.returncode == 0, out.stdout + out.stderr
+    _assert_quiet(out)
+    for component in ("SyntheticTokenExampleGen", "StatisticsGen", "DataValidationGate", "Trainer",
+                      "IntegrationValidator", "Pusher"):
+        assert f"{component} ..." in out.stdout and f"{component} done (" in out.stdout, component
+    assert re.search(r"^    step 10/10 \| loss \d", out.stdout, re.M)  # the Trainer's progress
+    assert "Model blessed and pushed to" in out.stdout
+    log = open(_log_path(out)).read()
+    assert os.path.dirname(_log_path(out)) == str(run_dir / "logs")
+    assert "FutureWarning" in log and "Component Trainer is running." in log  # the noise went here
+
+
+def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
+    # Same run directory: the store already holds a blessed, pushed model,
+    # and this run's verdict must not be taken from it.
+    run_dir, _ = pushed_run
+    out = _cli("--run-dir", str(run_dir), *TINY,
+               "--thresholds", json.dumps({**LOOSE_GATE, "max_loss_gap_nats": 1e-6}))
+    assert out.returncode == 3, out.stdout + out.stderr
+    _assert_quiet(out)
+    assert "Model NOT pushed." in out.stdout
+    assert "IntegrationValidator: NOT blessed" in out.stdout and "quality" in out.stdout
+    assert "Trainer done (cached)" in out.stdout
+    # The first settings again, after the refusal: the Trainer is reused, the
+    # gate runs against the blessed baseline and this run pushes.
+    out = _cli("--run-dir", str(run_dir), *TINY, "--thresholds", json.dumps(LOOSE_GATE))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Trainer done (cached)" in out.stdout and "Model blessed and pushed to" in out.stdout
+
+    # Each run's record is found by its own pipeline-run id.
+    from pipeline.inspect_metadata import collect
+    from pipeline.run_report import run_outcome
+
+    metadata = str(run_dir / "metadata.sqlite")
+    runs = sorted(collect(metadata)["runs"], key=lambda r: r["created"])
+    first, refused, last = (run_outcome(metadata, r["name"]) for r in runs)
+    assert first.pushed and last.pushed and refused.pushed is None
+    assert any(b.component == "IntegrationValidator" and not b.blessed for b in refused.blessings)
+    assert refused.states["Trainer"] == "CACHED"
+    assert last.pushed["pushed_version"] != first.pushed["pushed_version"]
+
+
+def test_corrupt_tfrecord_fails_with_the_file_named_and_no_traceback(tmp_path):
+    data_dir = tmp_path / "data"
+    _write_user_examples(str(data_dir), _good_rows(64), _good_rows(32, seed=1))
+    corrupt = data_dir / "eval" / "data.tfrecord"
+    raw = bytearray(corrupt.read_bytes())
+    raw[200:210] = b"\xff" * 10
+    corrupt.write_bytes(bytes(raw))
+    out = _cli("--run-dir", str(tmp_path / "run"), *TINY, "--examples-dir", str(data_dir))
+    assert out.returncode == 1, out.stdout + out.stderr
+    _assert_quiet(out)
+    assert "the run FAILED in ImportExampleGen" in out.stderr
+    assert f"corrupt TFRecord file: {corrupt}: corrupted record" in out.stderr
+    failure = out.stderr[out.stderr.index("the run FAILED"):]
+    assert len(failure.splitlines()) <= 8, failure
+    assert "Traceback" in open(_log_path(out)).read()
+
+
+def test_bad_data_fails_in_the_gate_naming_the_anomaly(tmp_path):
+    data_dir = tmp_path / "data"
+    _write_user_examples(str(data_dir), _good_rows(64)[:-1] + [[70] * 16], _good_rows(32, seed=1))
+    out = _cli("--run-dir", str(tmp_path / "run"), *TINY, "--examples-dir", str(data_dir))
+    assert out.returncode == 1, out.stdout + out.stderr
+    _assert_quiet(out)
+    assert "the run FAILED in DataValidationGate" in out.stderr
+    assert "[train] feature 'input_ids'" in out.stderr and "Out-of-range" in out.stderr
+    assert "Trainer ..." not in out.stdout
+
+
+def test_invalid_settings_exit_2_and_create_nothing(tmp_path):
+    out = _cli("--run-dir", str(tmp_path / "run"), *TINY, "--precision", "fp16")
+    assert out.returncode == 2
+    assert "invalid settings: precision" in out.stderr
+    assert not (tmp_path / "run").exists()
