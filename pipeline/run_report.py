@@ -51,13 +51,23 @@ def run_outcome(metadata_path: str, run_id: str) -> RunOutcome:
         if ev.type in (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT):
             outputs[ev.artifact_id] = ev.execution_id
     artifact_types = {t.id: t.name for t in store.get_artifact_types()}
-    blessings, pushed = [], None
-    for artifact in store.get_artifacts_by_id(list(outputs)):
+    blessings, pushed, evaluations = [], None, {}
+    artifacts = store.get_artifacts_by_id(list(outputs))
+    for artifact in artifacts:
+        if artifact_types[artifact.type_id] == "ModelEvaluation":
+            evaluations[outputs[artifact.id]] = artifact.uri
+    for artifact in artifacts:
         kind, props = artifact_types[artifact.type_id], _props(artifact)
         if kind.endswith("Blessing"):
             failures = props.get("failures")
-            blessings.append(Blessing(component[outputs[artifact.id]], kind, props.get("blessed") == 1,
-                                      json.loads(failures) if isinstance(failures, str) and failures else []))
+            failures = json.loads(failures) if isinstance(failures, str) and failures else []
+            producer = outputs[artifact.id]
+            if not failures and props.get("blessed") != 1 and producer in evaluations:
+                # The Evaluator's blessing carries no reasons: TFMA's validation result does.
+                from pipeline.inspect_metadata import read_evaluation
+
+                failures = read_evaluation(evaluations[producer])["failures"]
+            blessings.append(Blessing(component[producer], kind, props.get("blessed") == 1, failures))
         elif kind == "PushedModel" and props.get("pushed") == 1:
             pushed = props
     return RunOutcome(run_id, states, blessings, pushed)

@@ -70,7 +70,8 @@ def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
     assert out.returncode == 3, out.stdout + out.stderr
     _assert_quiet(out)
     assert "Model NOT pushed." in out.stdout
-    assert "IntegrationValidator: NOT blessed" in out.stdout and "quality" in out.stdout
+    # Quality is TFMA's: the Evaluator refuses, naming the threshold.
+    assert "Evaluator: NOT blessed" in out.stdout and "tfma token_loss" in out.stdout
     assert "Trainer done (cached)" in out.stdout
     # The first settings again, after the refusal: the Trainer is reused, the
     # gate runs against the blessed baseline and this run pushes.
@@ -86,7 +87,8 @@ def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
     runs = sorted(collect(metadata)["runs"], key=lambda r: r["created"])
     first, refused, last = (run_outcome(metadata, r["name"]) for r in runs)
     assert first.pushed and last.pushed and refused.pushed is None
-    assert any(b.component == "IntegrationValidator" and not b.blessed for b in refused.blessings)
+    assert any(b.component == "Evaluator" and not b.blessed for b in refused.blessings)
+    assert any(b.component == "IntegrationValidator" and b.blessed for b in refused.blessings)
     assert refused.states["Trainer"] == "CACHED"
     assert last.pushed["pushed_version"] != first.pushed["pushed_version"]
 
