@@ -149,3 +149,15 @@ def test_cli_generate_refuses_bad_requests_in_one_line(exported, tmp_path, argv,
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("deepseek-tfx generate: ") and message in lines[0], lines[0]
+
+
+def test_gate_savedmodel_parity_checks_the_generate_signature(exported):
+    from components.validation_checks import GateThresholds, IntegrationValidator
+
+    model, path = exported
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 8)).astype("int32")
+    validator = IntegrationValidator(model, tokens, GateThresholds())
+    result = validator.savedmodel_parity(path)
+    assert result["passed"], result
+    assert result["generate_equal"] is True
+    assert validator.decode_parity()["passed"]
