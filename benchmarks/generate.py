@@ -17,9 +17,6 @@ context, and whether a bfloat16 cache is still bfloat16 after 10 decode steps.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -27,7 +24,7 @@ import numpy as np
 
 from . import common
 from .configs import SIZES, decode_config
-from .train_vs_reference import REFERENCE_SCRIPT, REFERENCE_TIMEOUT_S, find_reference_python
+from .train_vs_reference import call_reference, find_reference_python
 
 TARGET_OVER_EAGER = 4.0
 TARGET_OVER_REFERENCE = 1.5
@@ -36,22 +33,10 @@ REPEATS = {"smoke": 2, "quick": 3, "full": 5}
 
 
 def _reference(python, config, batch, prompt_len, new_tokens, repeats, threads, save_dir):
-    command = [python, REFERENCE_SCRIPT, "--generate", "--config-json", config.to_json(),
-               "--batch", str(batch), "--seq-len", str(prompt_len), "--new-tokens",
-               str(new_tokens), "--steps", str(repeats), "--threads", str(threads),
-               "--save-dir", save_dir]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERAS_BACKEND")}
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, env=env,
-                              timeout=REFERENCE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"reference timed out after {REFERENCE_TIMEOUT_S} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("REFERENCE_RESULT "):
-            return json.loads(line[len("REFERENCE_RESULT "):])
-    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-    return {"skipped": f"reference failed (exit {proc.returncode}): {tail}"}
+    return call_reference(python, ["--generate", "--config-json", config.to_json(),
+                                   "--batch", str(batch), "--seq-len", str(prompt_len),
+                                   "--new-tokens", str(new_tokens), "--steps", str(repeats),
+                                   "--save-dir", save_dir], threads)
 
 
 def _cache_dtype_probe(model, steps=10):

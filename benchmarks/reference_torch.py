@@ -87,6 +87,25 @@ def hf_config_kwargs(ours: Dict[str, Any], rope_parameters_style: bool = True
     return kwargs, differences
 
 
+def _build_model(config: Dict[str, Any], experts_implementation: str, use_cache: bool):
+    """-> (HF DeepseekV3ForCausalLM in float32, its config kwargs, differences)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    style = "rope_parameters" in inspect.signature(DeepseekV3Config.__init__).parameters
+    kwargs, differences = hf_config_kwargs(config, rope_parameters_style=style)
+    kwargs["use_cache"] = use_cache
+    hf_config = DeepseekV3Config(**kwargs)
+    if experts_implementation and experts_implementation != "default":
+        # "eager" loops over the experts that received tokens (the classic HF
+        # MoE); on CPU it is as fast as "grouped_mm" after the latter's long
+        # warm-up and steadier, and "batched_mm" is far slower.
+        model = DeepseekV3ForCausalLM._from_config(
+            hf_config, experts_implementation=experts_implementation).float()
+    else:
+        model = DeepseekV3ForCausalLM(hf_config).float()
+    return model, kwargs, differences
+
+
 def _timed_steps(model, optimizer, batches, warmup: int) -> Tuple[List[float], List[float]]:
     times, losses = [], []
     for i, ids in enumerate(batches):
@@ -108,21 +127,11 @@ def run(config: Dict[str, Any], batch: int, seq_len: int, steps: int, warmup: in
         experts_implementation: str = "eager") -> Dict[str, Any]:
     import torch
     import transformers
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    style = "rope_parameters" in inspect.signature(DeepseekV3Config.__init__).parameters
-    kwargs, differences = hf_config_kwargs(config, rope_parameters_style=style)
-    hf_config = DeepseekV3Config(**kwargs)
-    if experts_implementation and experts_implementation != "default":
-        # "eager" loops over the experts that received tokens (the classic HF
-        # MoE); on CPU it is as fast as "grouped_mm" after the latter's long
-        # warm-up and steadier, and "batched_mm" is far slower.
-        model = DeepseekV3ForCausalLM._from_config(
-            hf_config, experts_implementation=experts_implementation).float()
-    else:
-        model = DeepseekV3ForCausalLM(hf_config).float()
+    model, kwargs, differences = _build_model(config, experts_implementation, use_cache=False)
+    hf_config = model.config
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
@@ -154,19 +163,10 @@ def run_generate(config: Dict[str, Any], batch: int, prompt_len: int, new_tokens
     (prefill included, as in our measurement)."""
     import torch
     import transformers
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    style = "rope_parameters" in inspect.signature(DeepseekV3Config.__init__).parameters
-    kwargs, differences = hf_config_kwargs(config, rope_parameters_style=style)
-    kwargs["use_cache"] = True
-    hf_config = DeepseekV3Config(**kwargs)
-    if experts_implementation and experts_implementation != "default":
-        model = DeepseekV3ForCausalLM._from_config(
-            hf_config, experts_implementation=experts_implementation).float()
-    else:
-        model = DeepseekV3ForCausalLM(hf_config).float()
+    model, _, differences = _build_model(config, experts_implementation, use_cache=True)
     model.eval()
     model.save_pretrained(save_dir, safe_serialization=True)
     generator = torch.Generator().manual_seed(seed)
