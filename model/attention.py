@@ -165,18 +165,23 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         return self.o_proj(ops.reshape(attended, (b, s, self.num_heads * self.v_dim)))
 
     # -------------------------------------------------------------- attention
-    def _attend_naive(self, q_nope, q_rope, k_nope, k_rope, v, mask, heads_first=False):
-        """Per-head keys/values [B, T, H, D], or [B, H, T, D] with heads_first
-        (the naive cache's layout); k_rope [B, T, rope] is shared by every head."""
+    def _attend_naive(self, q_nope, q_rope, k_nope, k_rope, v, mask):
+        # k_rope [B, T, rope] is shared by every head.
         k_nope, k_rope, v = (ops.cast(t, q_nope.dtype) for t in (k_nope, k_rope, v))
-        kv = "bhtd" if heads_first else "bthd"
-        scores = ops.einsum(f"bshd,{kv}->bhst", q_nope, k_nope)
+        scores = ops.einsum("bshd,bthd->bhst", q_nope, k_nope)
         if len(k_rope.shape) == 3:
             scores = scores + ops.einsum("bshd,btd->bhst", q_rope, k_rope)
         else:
-            scores = scores + ops.einsum(f"bshd,{kv}->bhst", q_rope, k_rope)
+            scores = scores + ops.einsum("bshd,bthd->bhst", q_rope, k_rope)
         probs = masked_softmax(ops.cast(scores, "float32") * self.scale, mask[:, None])
-        return ops.einsum(f"bhst,{kv}->bshd", ops.cast(probs, v.dtype), v)
+        return ops.einsum("bhst,bthd->bshd", ops.cast(probs, v.dtype), v)
+
+    def _attend_cached_heads(self, q, keys, values, mask):
+        """q [B, S, H, qk]; keys [B, H, T, qk], values [B, H, T, v] (the naive cache)."""
+        keys, values = ops.cast(keys, q.dtype), ops.cast(values, q.dtype)
+        scores = ops.einsum("bshd,bhtd->bhst", q, keys)
+        probs = masked_softmax(ops.cast(scores, "float32") * self.scale, mask[:, None])
+        return ops.einsum("bhst,bhtd->bshd", ops.cast(probs, values.dtype), values)
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         w_uk, w_uv = self._up_weights(q_nope.dtype)
@@ -218,8 +223,10 @@ class MultiHeadLatentAttention(keras.layers.Layer):
                 keys = write_cache(cache[0], new_keys, cache_index, time_axis=2)
                 values = write_cache(cache[1], _heads_first(v_new), cache_index, time_axis=2)
                 new_cache = (keys, values)
-                out = self._attend_naive(q_nope, q_rope, keys[..., : self.nope_dim],
-                                         keys[..., self.nope_dim:], values, mask, heads_first=True)
+                # One einsum over the whole cached key (no slice of the cache:
+                # slicing its last axis would copy all of it every step).
+                out = self._attend_cached_heads(ops.concatenate([q_nope, q_rope], -1), keys,
+                                                values, mask)
                 return self._output(ops.cast(out, x.dtype)), new_cache
         if mode == "absorbed":
             out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)

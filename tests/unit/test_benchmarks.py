@@ -91,7 +91,8 @@ def test_smoke_generate(smoke_result):
     assert _positive(g["ours_tokens_per_s"]) and _positive(g["eager_tokens_per_s"])
     assert g["reference_tokens_per_s"] is None and g["reference_skipped"]
     assert g["compiled_equals_eager"] is True
-    assert g["compilations"] == [1]  # repeated calls reuse the one compiled function
+    assert g["compilations"] == [1, 1]  # repeated calls reuse each compiled function
+    assert _positive(g["ours_decode_tokens_per_s"]) and _positive(g["ours_prefill_ms"])
     b = g["cache_bytes"]
     assert b["absorbed_float32"] == 2 * b["absorbed_bfloat16"] == 2 * b["absorbed_bfloat16_analytic"]
     assert b["naive_float32"] == 2 * b["naive_bfloat16"] > b["absorbed_float32"]
