@@ -2,7 +2,9 @@
 naive MLA cache (per-head keys and values) against the absorbed latent cache.
 
 Each timed call is one jitted `model.call_with_cache` step for `batch` new
-tokens attending a cache of `context` slots (the caches are donated under
+tokens attending a cache of `context` slots (the naive cache in its
+[B, H, T, D] layout, the fast one on XLA:CPU; `naive_layout_probe` times the
+old [B, T, H, D] layout against it) (the caches are donated under
 JAX, so the step updates them in place). The cache is filled with random
 values: a step's cost does not depend on what the cache holds, and the
 attention spans every slot of it."""
@@ -43,7 +45,7 @@ def _attend(_, q, k, v, layout):
 
 def layout_probe(config, batch, context, repeats):
     """The naive cache's attention alone, for one new token, with the cache
-    laid out [B, T, H, D] (as model/attention.py stores it) or [B, H, T, D]:
+    laid out [B, T, H, D] (the old layout) or [B, H, T, D] (model/attention.py's):
     separates the cost of the layout from the cost of the cache size."""
     import keras
     from keras import ops

@@ -6,6 +6,11 @@ subprocess of benchmarks.run_all:
     /path/to/python benchmarks/reference_torch.py --config-json '{...}' \\
         --batch 8 --seq-len 128 --steps 5 --warmup 2 --threads 2
 
+With `--generate --save-dir DIR --new-tokens N` it times transformers'
+greedy `generate` (its KV cache on) instead: a seeded random model, saved
+to DIR with `save_pretrained` (safetensors) so our side loads the same
+weights through `model.hf_checkpoint`, and batch x seq_len random prompts.
+
 `--config-json` takes our DeepSeekV3Config as a dict (to_dict()); it is
 mapped onto the HF config by `hf_config_kwargs`. Prints one line
 `REFERENCE_RESULT {json}` with tokens/s. Imports neither Keras nor our model
@@ -82,6 +87,25 @@ def hf_config_kwargs(ours: Dict[str, Any], rope_parameters_style: bool = True
     return kwargs, differences
 
 
+def _build_model(config: Dict[str, Any], experts_implementation: str, use_cache: bool):
+    """-> (HF DeepseekV3ForCausalLM in float32, its config kwargs, differences)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    style = "rope_parameters" in inspect.signature(DeepseekV3Config.__init__).parameters
+    kwargs, differences = hf_config_kwargs(config, rope_parameters_style=style)
+    kwargs["use_cache"] = use_cache
+    hf_config = DeepseekV3Config(**kwargs)
+    if experts_implementation and experts_implementation != "default":
+        # "eager" loops over the experts that received tokens (the classic HF
+        # MoE); on CPU it is as fast as "grouped_mm" after the latter's long
+        # warm-up and steadier, and "batched_mm" is far slower.
+        model = DeepseekV3ForCausalLM._from_config(
+            hf_config, experts_implementation=experts_implementation).float()
+    else:
+        model = DeepseekV3ForCausalLM(hf_config).float()
+    return model, kwargs, differences
+
+
 def _timed_steps(model, optimizer, batches, warmup: int) -> Tuple[List[float], List[float]]:
     times, losses = [], []
     for i, ids in enumerate(batches):
@@ -103,21 +127,11 @@ def run(config: Dict[str, Any], batch: int, seq_len: int, steps: int, warmup: in
         experts_implementation: str = "eager") -> Dict[str, Any]:
     import torch
     import transformers
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    style = "rope_parameters" in inspect.signature(DeepseekV3Config.__init__).parameters
-    kwargs, differences = hf_config_kwargs(config, rope_parameters_style=style)
-    hf_config = DeepseekV3Config(**kwargs)
-    if experts_implementation and experts_implementation != "default":
-        # "eager" loops over the experts that received tokens (the classic HF
-        # MoE); on CPU it is as fast as "grouped_mm" after the latter's long
-        # warm-up and steadier, and "batched_mm" is far slower.
-        model = DeepseekV3ForCausalLM._from_config(
-            hf_config, experts_implementation=experts_implementation).float()
-    else:
-        model = DeepseekV3ForCausalLM(hf_config).float()
+    model, kwargs, differences = _build_model(config, experts_implementation, use_cache=False)
+    hf_config = model.config
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
@@ -142,6 +156,45 @@ def run(config: Dict[str, Any], batch: int, seq_len: int, steps: int, warmup: in
     }
 
 
+def run_generate(config: Dict[str, Any], batch: int, prompt_len: int, new_tokens: int,
+                 repeats: int, threads: int, save_dir: str, seed: int = 0,
+                 experts_implementation: str = "eager") -> Dict[str, Any]:
+    """Greedy transformers generate with its KV cache; new tokens per second
+    (prefill included, as in our measurement)."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model, _, differences = _build_model(config, experts_implementation, use_cache=True)
+    model.eval()
+    model.save_pretrained(save_dir, safe_serialization=True)
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, config["vocab_size"], (batch, prompt_len), generator=generator)
+    settings = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                    pad_token_id=0, eos_token_id=None)
+    times = []
+    with torch.inference_mode():
+        out = model.generate(prompts, **settings)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(prompts, **settings)
+            times.append((time.perf_counter() - start) * 1e3)
+    median = statistics.median(times)
+    return {
+        "tokens_per_s": batch * new_tokens * 1e3 / median,
+        "median_ms": median, "min_ms": min(times), "max_ms": max(times), "repeats": len(times),
+        "prompts": prompts.tolist(), "tokens": out[:, prompt_len:].tolist(),
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": sys.version.split()[0],
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "differences": differences,
+        "mode": "eager PyTorch (no torch.compile), float32, greedy generate with DynamicCache",
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-json", required=True,
@@ -152,6 +205,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--generate", action="store_true",
+                        help="time greedy generate instead of training")
+    parser.add_argument("--save-dir", help="--generate: where to save the HF checkpoint")
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--experts-implementation", default="eager",
                         help="HF experts implementation: eager | grouped_mm | batched_mm | default")
     args = parser.parse_args(argv)
@@ -159,8 +216,15 @@ def main(argv=None) -> int:
     if text.startswith("@"):
         with open(text[1:]) as f:
             text = f.read()
-    result = run(json.loads(text), args.batch, args.seq_len, args.steps, args.warmup,
-                 args.threads, args.lr, experts_implementation=args.experts_implementation)
+    if args.generate:
+        if not args.save_dir:
+            parser.error("--generate needs --save-dir")
+        result = run_generate(json.loads(text), args.batch, args.seq_len, args.new_tokens,
+                              args.steps, args.threads, args.save_dir,
+                              experts_implementation=args.experts_implementation)
+    else:
+        result = run(json.loads(text), args.batch, args.seq_len, args.steps, args.warmup,
+                     args.threads, args.lr, experts_implementation=args.experts_implementation)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 

@@ -92,16 +92,13 @@ def find_reference_python(explicit: Optional[str]) -> Tuple[Optional[str], List[
     return None, notes
 
 
-def run_reference(python: str, config, batch: int, seq_len: int, steps: int,
-                  threads: int) -> Dict[str, Any]:
-    command = [python, REFERENCE_SCRIPT, "--config-json", config.to_json(), "--batch", str(batch),
-               "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", "3",
-               "--threads", str(threads)]
+def call_reference(python: str, args: List[str], threads: int) -> Dict[str, Any]:
+    """Runs reference_torch.py with `args`; its REFERENCE_RESULT, or {"skipped": why}."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERAS_BACKEND")}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, env=env,
-                              timeout=REFERENCE_TIMEOUT_S)
+        proc = subprocess.run([python, REFERENCE_SCRIPT] + args + ["--threads", str(threads)],
+                              capture_output=True, text=True, env=env, timeout=REFERENCE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"skipped": f"reference timed out after {REFERENCE_TIMEOUT_S} s"}
     for line in proc.stdout.splitlines():
@@ -111,6 +108,13 @@ def run_reference(python: str, config, batch: int, seq_len: int, steps: int,
             return result
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
     return {"skipped": f"reference failed (exit {proc.returncode}): {tail}"}
+
+
+def run_reference(python: str, config, batch: int, seq_len: int, steps: int,
+                  threads: int) -> Dict[str, Any]:
+    return call_reference(python, ["--config-json", config.to_json(), "--batch", str(batch),
+                                   "--seq-len", str(seq_len), "--steps", str(steps),
+                                   "--warmup", "3"], threads)
 
 
 def run(mode: str, reference_python: Optional[str] = None,

@@ -8,14 +8,16 @@ signatures:
   cross-entropy of each position (position i scored against token i+1).
 * ``generate(token_ids int32 [B, P] (left-padded), padding_mask int32 [B, P],
   max_new_tokens int32 [], temperature float32 [], top_k int32 [] (0 = off),
-  seed int32 [])`` -> ``tokens`` int32 [B, max_new_tokens]. The graph
-  mirrors `model.generation.generate`: one prefill over the prompt into a KV
-  cache of length P + max_new_tokens, then a `tf.while_loop` of one-token
-  decode steps. temperature <= 0 is greedy; otherwise the logits are divided
-  by the temperature, optionally restricted to the top_k, and sampled with
-  `tf.random.stateless_categorical` seeded by (seed, step) -- reproducible
-  for a given seed, though not the same draws as the NumPy reference.
-  There is no EOS handling: every row gets exactly max_new_tokens tokens.
+  top_p float32 [] (1 = off), eos_id int32 [] (-1 = none), seed int32 [])``
+  -> ``tokens`` int32 [B, max_new_tokens] (0 after a sequence's EOS) and
+  ``lengths`` int32 [B] (new tokens per sequence, EOS included). The graph is
+  `model.generation.decode_loop`, the one `model.generation.generate` compiles:
+  one prefill over the prompt into a KV cache of length P + max_new_tokens,
+  then a `tf.while_loop` of one-token decode steps that stops once every
+  sequence has produced EOS. temperature 0 is greedy (the same tokens as
+  `generate`); otherwise top-k / top-p filtered sampling from
+  `tf.random.stateless_uniform` keyed by (seed, step): reproducible per seed.
+  Bad requests fail with InvalidArgumentError naming the problem.
 * ``token_metrics(examples: tf.string [B])`` -- the per-example scalars
   TensorFlow Model Analysis aggregates (`components.evaluation`):
   ``example_loss`` float32 [B], the mean next-token cross-entropy of the
@@ -106,72 +108,52 @@ def token_metrics_fn(model, seq_len: int):
     return token_metrics
 
 
-def _sample(logits, temperature, top_k, seed, step):
-    """Next tokens [B] from logits [B, V]: greedy when temperature <= 0."""
-    logits = tf.cast(logits, tf.float32)
-    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    vocab = tf.shape(logits)[-1]
-    scaled = logits / tf.where(temperature > 0, temperature, tf.ones_like(temperature))
-
-    def restrict():
-        kth = tf.math.top_k(scaled, k=top_k).values[:, -1:]
-        return tf.where(scaled < kth, tf.constant(-float("inf"), scaled.dtype), scaled)
-
-    filtered = tf.cond(tf.logical_and(top_k > 0, top_k < vocab), restrict, lambda: scaled)
-    sampled = tf.random.stateless_categorical(
-        filtered, 1, seed=tf.stack([seed, step]), dtype=tf.int32)[:, 0]
-    return tf.where(temperature > 0, sampled, greedy)
+def _request_checks(config, token_ids, padding_mask, max_new_tokens, temperature, top_k,
+                    top_p, eos_id):
+    """tf.debugging asserts for every request the Python API refuses too."""
+    vocab, max_positions = config.vocab_size, config.max_position_embeddings
+    real = padding_mask > 0
+    lengths = tf.reduce_sum(padding_mask, axis=1)
+    assert_ = tf.debugging
+    return [
+        assert_.assert_equal(tf.shape(padding_mask), tf.shape(token_ids),
+                             message="generate: padding_mask must have token_ids' shape [B, P]"),
+        assert_.assert_greater(tf.size(token_ids), 0,
+                               message="generate: token_ids is empty; send at least one prompt"),
+        assert_.assert_equal(tf.reduce_all((padding_mask == 0) | (padding_mask == 1)), True,
+                             message="generate: padding_mask must hold only 0 and 1"),
+        assert_.assert_equal(tf.reduce_all(padding_mask[:, 1:] >= padding_mask[:, :-1]), True,
+                             message="generate: prompts must be left-padded (padding_mask 0...0 1...1)"),
+        assert_.assert_greater(tf.reduce_min(lengths), 0,
+                               message="generate: a prompt is empty; every prompt needs at least one token"),
+        assert_.assert_equal(tf.reduce_all(~real | ((token_ids >= 0) & (token_ids < vocab))), True,
+                             message=f"generate: a token id is outside the vocabulary [0, {vocab})"),
+        assert_.assert_greater_equal(max_new_tokens, 0, message="generate: max_new_tokens must be >= 0"),
+        assert_.assert_less_equal(
+            tf.reduce_max(lengths) + max_new_tokens, max_positions,
+            message=f"generate: prompt length + max_new_tokens exceeds "
+                    f"max_position_embeddings={max_positions}"),
+        assert_.assert_equal(tf.math.is_finite(temperature) & (temperature >= 0), True,
+                             message="generate: temperature must be a finite number >= 0 (0 = greedy)"),
+        assert_.assert_greater_equal(top_k, 0, message="generate: top_k must be >= 0 (0 = off)"),
+        assert_.assert_equal((top_p > 0) & (top_p <= 1), True,
+                             message="generate: top_p must be in (0, 1] (1 = off)"),
+        assert_.assert_equal((eos_id >= -1) & (eos_id < vocab), True,
+                             message=f"generate: eos_id must be -1 (none) or a token id in [0, {vocab})"),
+    ]
 
 
 def generate_fn(model):
-    max_positions = model.config.max_position_embeddings
+    from model.generation import decode_loop
 
-    def generate(token_ids, padding_mask, max_new_tokens, temperature, top_k, seed):
-        token_ids = tf.cast(token_ids, tf.int32)
-        padding_mask = tf.cast(padding_mask, tf.int32)
-        batch, width = tf.shape(token_ids)[0], tf.shape(token_ids)[1]
-        max_new = tf.maximum(max_new_tokens, 0)
-        total = width + max_new
-        checks = [
-            tf.debugging.assert_less_equal(
-                total, max_positions,
-                message=f"generate: prompt length + max_new_tokens exceeds "
-                        f"max_position_embeddings={max_positions}"),
-            tf.debugging.assert_equal(tf.shape(padding_mask), tf.shape(token_ids),
-                                      message="generate: padding_mask must match token_ids"),
-        ]
+    def generate(token_ids, padding_mask, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
+        checks = _request_checks(model.config, token_ids, padding_mask, max_new_tokens,
+                                 temperature, top_k, top_p, eos_id)
         with tf.control_dependencies(checks):
-            total = tf.identity(total)
-
-        caches = model.init_caches(batch, total)
-        key_mask = tf.concat([padding_mask, tf.zeros([batch, max_new], tf.int32)], axis=1)
-        positions = tf.maximum(tf.cumsum(padding_mask, axis=1) - 1, 0)
-        lengths = tf.reduce_sum(padding_mask, axis=1)
-        logits, caches = model.call_with_cache(token_ids, positions, caches, 0, key_mask)
-        last = tf.cast(logits[:, -1], tf.float32)
-        tokens = tf.zeros([batch, max_new], tf.int32)
-
-        def cond(step, *_):
-            return step < max_new
-
-        def body(step, last, caches, key_mask, tokens):
-            token = _sample(last, temperature, top_k, seed, step)
-            tokens = tokens + token[:, None] * tf.one_hot(step, max_new, dtype=tf.int32)[None, :]
-
-            def decode():
-                index = width + step
-                mask = tf.maximum(key_mask, tf.one_hot(index, total, dtype=tf.int32)[None, :])
-                out, new_caches = model.call_with_cache(
-                    token[:, None], (lengths + step)[:, None], caches, index, mask)
-                return tf.cast(out[:, -1], tf.float32), new_caches, mask
-
-            last, caches, key_mask = tf.cond(step + 1 < max_new, decode,
-                                             lambda: (last, caches, key_mask))
-            return step + 1, last, caches, key_mask, tokens
-
-        _, _, _, _, tokens = tf.while_loop(
-            cond, body, (tf.constant(0, tf.int32), last, caches, key_mask, tokens))
-        return {"tokens": tokens}
+            token_ids, padding_mask = tf.identity(token_ids), tf.identity(padding_mask)
+        tokens, lengths = decode_loop(model, token_ids, padding_mask, max_new_tokens, temperature,
+                                      top_k, top_p, eos_id, seed)
+        return {"tokens": tokens, "lengths": lengths}
 
     return generate
 
@@ -194,6 +176,8 @@ def export_saved_model(model, seq_len: int, export_dir: str) -> str:
             tf.TensorSpec([], tf.int32, name="max_new_tokens"),
             tf.TensorSpec([], tf.float32, name="temperature"),
             tf.TensorSpec([], tf.int32, name="top_k"),
+            tf.TensorSpec([], tf.float32, name="top_p"),
+            tf.TensorSpec([], tf.int32, name="eos_id"),
             tf.TensorSpec([], tf.int32, name="seed"),
         ])
     archive.write_out(export_dir, verbose=False)

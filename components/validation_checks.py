@@ -210,9 +210,28 @@ class IntegrationChecks:
         outputs = serving(examples=tf.constant(serialize_sequences(batch)))
         reference = np.asarray(self.model(batch, training=False))
         error = _rel_error(outputs["logits"].numpy(), reference)
-        ok = error <= self.t.max_savedmodel_parity_error
+        problems = []
+        if error > self.t.max_savedmodel_parity_error:
+            problems.append(f"SavedModel logits differ from Keras by {error:.2e}")
+        generate_equal = None
+        if "generate" in loaded.signatures:
+            # Greedy generation from prompts of different lengths: the
+            # signature must give model.generation.generate's tokens.
+            from model.generation import generate, left_pad
+
+            prompts = [batch[0, :6].tolist(), batch[-1, :3].tolist()]
+            ids, mask = left_pad(prompts)
+            out = loaded.signatures["generate"](
+                token_ids=tf.constant(ids), padding_mask=tf.constant(mask),
+                max_new_tokens=tf.constant(4), temperature=tf.constant(0.0), top_k=tf.constant(0),
+                top_p=tf.constant(1.0), eos_id=tf.constant(-1), seed=tf.constant(0))
+            generate_equal = out["tokens"].numpy().tolist() == generate(self.model, prompts, 4)
+            if not generate_equal:
+                problems.append("the SavedModel's generate signature differs from "
+                                "model.generation.generate (greedy)")
+        ok = not problems
         return {"passed": ok, "relative_error": error, "signatures": sorted(loaded.signatures.keys()),
-                "reason": "" if ok else f"SavedModel logits differ from Keras by {error:.2e}"}
+                "generate_equal": generate_equal, "reason": "; ".join(problems)}
 
     # ------------------------------------------------------------------- all
     def run(self, serving_dir: Optional[str] = None) -> Dict[str, Any]:

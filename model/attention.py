@@ -5,8 +5,13 @@ Contract for both layers:
     out, cache = layer(x, positions, mask, cache=None, cache_index=None)
 x [B, S, hidden]; positions [B, S] int (RoPE positions); mask [B, S, T] bool,
 True where query s may attend key t (T = S without a cache, else the cache
-length). With a cache (a tuple of fixed-size tensors, see `init_cache`) the new
-keys are written at `cache_index` and the queries attend the whole cache.
+length). With a cache (a tuple of fixed-size tensors, see `init_cache`, or a
+`CacheSlot` holding one) the new keys are written at `cache_index` and the
+queries attend the whole cache. The returned cache keeps the dtype it came in.
+
+Cache layouts: absorbed MLA ([B, T, r], [B, T, rope]); naive MLA and MHA
+per-head keys and values [B, H, T, D] (heads outside time: attention reads
+each head's keys contiguously, the fast einsum path on XLA:CPU).
 """
 
 from __future__ import annotations
@@ -36,10 +41,41 @@ def masked_softmax(scores, mask):
     return ops.softmax(scores, axis=-1)
 
 
-def write_cache(cache, update, cache_index):
-    """Writes `update` [B, S, ...] into `cache` [B, T, ...] at time `cache_index`."""
-    start = [0, cache_index] + [0] * (len(cache.shape) - 2)
+def write_cache(cache, update, cache_index, time_axis=1):
+    """Writes `update` into `cache` at time `cache_index` along `time_axis`
+    (1 for [B, T, ...], 2 for [B, H, T, D]), in the cache's own dtype."""
+    start = [0] * len(cache.shape)
+    start[time_axis] = cache_index
     return ops.slice_update(cache, start, ops.cast(update, cache.dtype))
+
+
+class CacheSlot:
+    """Carries one layer's cache tensors through `Layer.__call__`.
+
+    Keras autocasts every floating tensor argument of a call (nested tuples
+    included) to the layer's compute dtype, so a bfloat16 cache passed as a
+    plain tuple comes back float32. An object Keras does not traverse keeps
+    the tensors as they are."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors):
+        self.tensors = tuple(tensors)
+
+
+def unwrap_cache(cache):
+    return cache.tensors if isinstance(cache, CacheSlot) else cache
+
+
+def _heads_first(t):
+    """[B, S, H, D] -> [B, H, S, D]."""
+    return ops.transpose(t, (0, 2, 1, 3))
+
+
+def _is_prefill(x, cache_index):
+    """A multi-token chunk written from slot 0 (static: decided at trace time)."""
+    seq_len = x.shape[1]
+    return isinstance(cache_index, int) and cache_index == 0 and (seq_len is None or seq_len > 1)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
@@ -140,6 +176,13 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         probs = masked_softmax(ops.cast(scores, "float32") * self.scale, mask[:, None])
         return ops.einsum("bhst,bthd->bshd", ops.cast(probs, v.dtype), v)
 
+    def _attend_cached_heads(self, q, keys, values, mask):
+        """q [B, S, H, qk]; keys [B, H, T, qk], values [B, H, T, v] (the naive cache)."""
+        keys, values = ops.cast(keys, q.dtype), ops.cast(values, q.dtype)
+        scores = ops.einsum("bshd,bhtd->bhst", q, keys)
+        probs = masked_softmax(ops.cast(scores, "float32") * self.scale, mask[:, None])
+        return ops.einsum("bhst,bhtd->bshd", ops.cast(probs, values.dtype), values)
+
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask):
         w_uk, w_uv = self._up_weights(q_nope.dtype)
         latent, k_rope = ops.cast(latent, q_nope.dtype), ops.cast(k_rope, q_nope.dtype)
@@ -155,25 +198,35 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         # and keeps every projection an ordinary (quantizable) Dense call; with
         # a cache, the cache's layout decides.
         mode = mode or "naive"
+        cache = unwrap_cache(cache)
         cos, sin = self.rotary.cos_sin(positions)
         q_nope, q_rope = self._queries(x, cos, sin)
         latent, k_rope = self._latent(x, cos, sin)
         new_cache = None
         if cache is not None:
             if len(cache) == 2 and len(cache[0].shape) == 3:  # absorbed layout
-                latent = write_cache(cache[0], latent, cache_index)
-                k_rope = write_cache(cache[1], k_rope, cache_index)
-                new_cache = (latent, k_rope)
-                mode = "absorbed"
-            else:  # naive layout: full per-head keys and values
+                new_cache = (write_cache(cache[0], latent, cache_index),
+                             write_cache(cache[1], k_rope, cache_index))
+                if not _is_prefill(x, cache_index):
+                    out = self._attend_absorbed(q_nope, q_rope, new_cache[0], new_cache[1], mask)
+                    return self._output(ops.cast(out, x.dtype)), new_cache
+                # A prompt from slot 0 attends only itself: the naive form over
+                # its own S keys (cheaper per head than the absorbed form over
+                # the whole cache), while the cache receives only the latent.
+                mask = mask[:, :, : ops.shape(x)[1]]
+                mode = "naive"
+            else:  # naive layout: full per-head keys and values [B, H, T, D]
                 k_nope_new, v_new = self._expand(latent)
                 k_rope_heads = ops.broadcast_to(
                     k_rope[:, :, None, :], ops.shape(k_rope)[:2] + (self.num_heads, self.rope_dim))
-                keys = write_cache(cache[0], ops.concatenate([k_nope_new, k_rope_heads], -1), cache_index)
-                values = write_cache(cache[1], v_new, cache_index)
+                new_keys = _heads_first(ops.concatenate([k_nope_new, k_rope_heads], -1))
+                keys = write_cache(cache[0], new_keys, cache_index, time_axis=2)
+                values = write_cache(cache[1], _heads_first(v_new), cache_index, time_axis=2)
                 new_cache = (keys, values)
-                out = self._attend_naive(q_nope, q_rope, keys[..., : self.nope_dim],
-                                         keys[..., self.nope_dim:], values, mask)
+                # One einsum over the whole cached key (no slice of the cache:
+                # slicing its last axis would copy all of it every step).
+                out = self._attend_cached_heads(ops.concatenate([q_nope, q_rope], -1), keys,
+                                                values, mask)
                 return self._output(ops.cast(out, x.dtype)), new_cache
         if mode == "absorbed":
             out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
@@ -183,13 +236,13 @@ class MultiHeadLatentAttention(keras.layers.Layer):
         return self._output(ops.cast(out, x.dtype)), new_cache
 
     def init_cache(self, batch_size, max_length, dtype="float32", mode=None):
-        """Zeroed cache: absorbed ([B,T,r], [B,T,rope]) or naive ([B,T,H,qk], [B,T,H,v])."""
+        """Zeroed cache: absorbed ([B,T,r], [B,T,rope]) or naive ([B,H,T,qk], [B,H,T,v])."""
         mode = mode or self.config.mla_mode
         if mode == "absorbed":
             return (ops.zeros((batch_size, max_length, self.kv_lora_rank), dtype),
                     ops.zeros((batch_size, max_length, self.rope_dim), dtype))
-        return (ops.zeros((batch_size, max_length, self.num_heads, self.nope_dim + self.rope_dim), dtype),
-                ops.zeros((batch_size, max_length, self.num_heads, self.v_dim), dtype))
+        return (ops.zeros((batch_size, self.num_heads, max_length, self.nope_dim + self.rope_dim), dtype),
+                ops.zeros((batch_size, self.num_heads, max_length, self.v_dim), dtype))
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
@@ -225,17 +278,19 @@ class MultiHeadAttention(keras.layers.Layer):
         q = self.rotary.apply(self._heads(self.q_proj(x)), cos, sin)
         k = self.rotary.apply(self._heads(self.k_proj(x)), cos, sin)
         v = self._heads(self.v_proj(x))
+        cache = unwrap_cache(cache)
         new_cache = None
-        if cache is not None:
-            k = write_cache(cache[0], k, cache_index)
-            v = write_cache(cache[1], v, cache_index)
-            new_cache = (k, v)
-        scores = ops.einsum("bshd,bthd->bhst", q, ops.cast(k, q.dtype))
+        kv = "bthd"
+        if cache is not None:  # [B, H, T, D]
+            k = write_cache(cache[0], _heads_first(k), cache_index, time_axis=2)
+            v = write_cache(cache[1], _heads_first(v), cache_index, time_axis=2)
+            new_cache, kv = (k, v), "bhtd"
+        scores = ops.einsum(f"bshd,{kv}->bhst", q, ops.cast(k, q.dtype))
         probs = masked_softmax(ops.cast(scores, "float32") * self.scale, mask[:, None])
-        out = ops.einsum("bhst,bthd->bshd", ops.cast(probs, x.dtype), ops.cast(v, x.dtype))
+        out = ops.einsum(f"bhst,{kv}->bshd", ops.cast(probs, x.dtype), ops.cast(v, x.dtype))
         b, s = ops.shape(out)[0], ops.shape(out)[1]
         return self.o_proj(ops.reshape(out, (b, s, self.num_heads * self.head_dim))), new_cache
 
     def init_cache(self, batch_size, max_length, dtype="float32", mode=None):
-        shape = (batch_size, max_length, self.num_heads, self.head_dim)
+        shape = (batch_size, self.num_heads, max_length, self.head_dim)
         return ops.zeros(shape, dtype), ops.zeros(shape, dtype)

@@ -14,6 +14,7 @@ from typing import Optional
 import keras
 from keras import ops
 
+from .attention import CacheSlot
 from .config import DeepSeekV3Config
 from .decoder_block import DecoderBlock
 from .moe import DeepSeekMoE
@@ -109,7 +110,8 @@ class DeepSeekV3ForCausalLM(keras.Model):
         x = self.embed_tokens(token_ids)
         new_caches = []
         for i, layer in enumerate(self.decoder_layers):
-            x, cache = layer(x, positions, mask, cache=None if caches is None else caches[i],
+            # CacheSlot: Layer.__call__ would autocast a plain tuple of caches.
+            x, cache = layer(x, positions, mask, cache=None if caches is None else CacheSlot(caches[i]),
                              cache_index=cache_index, mode=mode, training=training,
                              padding_mask=padding_mask)
             new_caches.append(cache)
@@ -164,7 +166,8 @@ class DeepSeekV3ForCausalLM(keras.Model):
     # ------------------------------------------------------------ KV caching
     def init_caches(self, batch_size: int, max_length: int, mode: Optional[str] = None,
                     dtype: str = "float32"):
-        """One zeroed cache per layer; absorbed MLA caches only the latent."""
+        """One zeroed cache per layer; absorbed MLA caches only the latent.
+        The caches keep `dtype` through every call_with_cache."""
         return [layer.self_attn.init_cache(batch_size, max_length, dtype, mode)
                 for layer in self.decoder_layers]
 
@@ -173,9 +176,14 @@ class DeepSeekV3ForCausalLM(keras.Model):
         key_padding_mask [B, T] marks valid cache slots (the new ones included)."""
         token_ids = ops.cast(token_ids, "int32")
         seq_len = ops.shape(token_ids)[1]
-        max_length = ops.shape(caches[0][0])[1]
+        max_length = ops.shape(key_padding_mask)[1]  # the cache length, whatever its layout
         mask = causal_mask(seq_len, max_length, cache_index, key_padding_mask)
-        hidden, caches = self.decode(token_ids, positions, mask, caches, cache_index)
+        # The new tokens' own padding (a left-padded prompt's pads): the MoE
+        # neither routes nor counts them.
+        new_padding = ops.slice(key_padding_mask, (0, cache_index),
+                                (ops.shape(token_ids)[0], seq_len))
+        hidden, caches = self.decode(token_ids, positions, mask, caches, cache_index,
+                                     padding_mask=new_padding)
         return self.logits_from_hidden(self.norm(hidden)), caches
 
     # ------------------------------------------------------------ statistics

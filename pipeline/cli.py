@@ -149,16 +149,36 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _cmd_generate(args) -> int:
-    from pipeline.serving import generate_from_pushed
-
-    serving = args.serving_dir or os.path.join(args.run_dir, "serving")
-    prompts = [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt]
+def _parse_prompt(text: str, index: int):
+    tokens = [t.strip() for t in text.split(",")]
+    if not any(tokens):
+        raise ValueError(f"prompt {index} is empty; give comma-separated token ids, e.g. 1,2,3")
     try:
-        outputs, version = generate_from_pushed(serving, prompts, args.max_new_tokens,
-                                                args.temperature, args.top_k, args.seed)
+        return [int(t) for t in tokens if t]
+    except ValueError:
+        bad = next(t for t in tokens if t and not t.lstrip("-").isdigit())
+        raise ValueError(f"prompt {index} holds {bad!r}, which is not an integer token id") from None
+
+
+def _cmd_generate(args) -> int:
+    # Every refusal is one line on stderr and exit code 2, never a traceback.
+    try:
+        prompts = [_parse_prompt(p, i) for i, p in enumerate(args.prompt)]
+        import warnings
+
+        # Library version notices (google.api_core on Python 3.10) would
+        # break the one-line answer.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        from pipeline.serving import generate_from_pushed
+
+        serving = args.serving_dir or os.path.join(args.run_dir, "serving")
+        outputs, version = generate_from_pushed(
+            serving, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+            top_p=args.top_p, eos_id=-1 if args.eos_id is None else args.eos_id)
     except (FileNotFoundError, ValueError) as e:
-        print(f"deepseek-tfx generate: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())
+        prefix = "" if message.startswith("generate: ") else "generate: "
+        print(f"deepseek-tfx {prefix}{message}", file=sys.stderr)
         return 2
     print(f"model version {version}")
     for prompt, out in zip(prompts, outputs):
@@ -320,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated token ids (repeat for a batch)")
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
+    gen.add_argument("--eos-id", type=int, help="stop a sequence after this token")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_cmd_generate)
 

@@ -15,20 +15,45 @@ def latest_version(serving_dir: str) -> str:
     return os.path.join(serving_dir, versions[-1])
 
 
+def _request_error(error) -> str:
+    """The `generate: ...` sentence of a failed tf.debugging assert."""
+    import re
+
+    found = re.search(r"generate: [^\]\n]*", str(getattr(error, "message", error)))
+    return found.group(0).strip() if found else " ".join(str(error).split())[:300]
+
+
 def generate_from_pushed(serving_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                         temperature: float = 0.0, top_k: int = 0,
-                         seed: int = 0) -> Tuple[List[List[int]], str]:
+                         temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                         top_p: float = 1.0, eos_id: int = -1
+                         ) -> Tuple[List[List[int]], str]:
+    """Calls the latest pushed model's `generate` signature; returns each
+    prompt's new tokens (cut after EOS) and the model version. A bad request
+    raises GenerationRequestError (a ValueError) naming the problem: the
+    checks that need no model here, the rest from the signature's asserts."""
+    from model.generation import GenerationRequestError, left_pad
+
+    checks = [(max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}"),
+              (temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
+              (top_k >= 0, f"top_k must be >= 0 (0 = off), got {top_k}"),
+              (0 < top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {top_p}")]
+    for ok, message in checks:
+        if not ok:
+            raise GenerationRequestError(f"generate: {message}")
     import numpy as np
     import tensorflow as tf
-
-    from model.generation import left_pad
 
     path = latest_version(serving_dir)
     loaded = tf.saved_model.load(path)
     ids, mask = left_pad(prompts)
-    out = loaded.signatures["generate"](
-        token_ids=tf.constant(ids), padding_mask=tf.constant(mask),
-        max_new_tokens=tf.constant(max_new_tokens, tf.int32),
-        temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k, tf.int32),
-        seed=tf.constant(seed, tf.int32))
-    return np.asarray(out["tokens"]).tolist(), os.path.basename(path)
+    try:
+        out = loaded.signatures["generate"](
+            token_ids=tf.constant(ids), padding_mask=tf.constant(mask),
+            max_new_tokens=tf.constant(max_new_tokens, tf.int32),
+            temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k, tf.int32),
+            top_p=tf.constant(top_p, tf.float32), eos_id=tf.constant(eos_id, tf.int32),
+            seed=tf.constant(seed, tf.int32))
+    except tf.errors.InvalidArgumentError as e:
+        raise GenerationRequestError(_request_error(e)) from None
+    tokens, lengths = np.asarray(out["tokens"]).tolist(), np.asarray(out["lengths"]).tolist()
+    return [row[:n] for row, n in zip(tokens, lengths)], os.path.basename(path)

@@ -229,7 +229,8 @@ def test_savedmodel_generate_matches_python_reference(trained):
         ids, mask = left_pad(prompts)
         return gen(token_ids=tf.constant(ids), padding_mask=tf.constant(mask),
                    max_new_tokens=tf.constant(n), temperature=tf.constant(temperature, tf.float32),
-                   top_k=tf.constant(top_k), seed=tf.constant(seed))["tokens"].numpy()
+                   top_k=tf.constant(top_k), top_p=tf.constant(1.0), eos_id=tf.constant(-1),
+                   seed=tf.constant(seed))["tokens"].numpy()
 
     prompts = [[1, 2, 3, 4, 5, 6], [7], [10, 11, 12]]  # different lengths: left padding
     greedy = run(prompts, 7)

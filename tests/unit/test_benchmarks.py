@@ -83,6 +83,23 @@ def test_smoke_decode(smoke_result):
         assert row["naive_compilations"] == 1 and row["absorbed_compilations"] == 1
 
 
+def test_smoke_generate(smoke_result):
+    g = smoke_result["generate"]
+    sizes = smoke_result["configs"]["sizes"]
+    assert g["context"] == sizes["decode_contexts"][0] and g["batch"] == sizes["decode_batch"]
+    assert g["new_tokens"] >= 1
+    assert _positive(g["ours_tokens_per_s"]) and _positive(g["eager_tokens_per_s"])
+    assert g["reference_tokens_per_s"] is None and g["reference_skipped"]
+    assert g["compiled_equals_eager"] is True
+    assert g["compilations"] == [1, 1]  # repeated calls reuse each compiled function
+    assert _positive(g["ours_decode_tokens_per_s"]) and _positive(g["ours_prefill_ms"])
+    b = g["cache_bytes"]
+    assert b["absorbed_float32"] == 2 * b["absorbed_bfloat16"] == 2 * b["absorbed_bfloat16_analytic"]
+    assert b["naive_float32"] == 2 * b["naive_bfloat16"] > b["absorbed_float32"]
+    assert g["bfloat16_cache_dtypes_after_10_steps"] == ["bfloat16"]
+    assert any(t["target"].startswith("compiled generate >= 4 x eager") for t in smoke_result["targets"])
+
+
 def test_smoke_fp8_vs_bf16(smoke_result):
     fp8 = smoke_result["fp8_vs_bf16"]
     steps = smoke_result["configs"]["sizes"]["fp8_steps"]

@@ -95,3 +95,30 @@ def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
     np.testing.assert_allclose(scaled[-4:], base[-4:] / 40.0)  # slowest dims divided by factor
     assert np.all(np.diff(scaled) < 0)
     assert attention_factor == pytest.approx(0.1 * np.log(40.0) + 1.0)
+
+
+def test_naive_and_mha_caches_put_heads_before_time():
+    config = get_preset("tiny")
+    h = config.num_attention_heads
+    keys, values = MultiHeadLatentAttention(config).init_cache(3, 20, mode="naive")
+    assert tuple(keys.shape) == (3, h, 20, config.qk_head_dim)
+    assert tuple(values.shape) == (3, h, 20, config.v_head_dim)
+    keys, values = MultiHeadAttention(config).init_cache(3, 20)
+    assert tuple(keys.shape) == tuple(values.shape) == (3, h, 20, config.baseline_head_dim)
+
+
+@pytest.mark.parametrize("attention, mode", [
+    (MultiHeadLatentAttention, "absorbed"), (MultiHeadLatentAttention, "naive"),
+    (MultiHeadAttention, None)])
+def test_a_cache_in_a_cache_slot_keeps_its_dtype(rng, attention, mode):
+    import keras
+
+    from model.attention import CacheSlot
+
+    config = get_preset("tiny")
+    layer = attention(config)
+    x, positions, _ = _inputs(rng, config, seq=4)
+    cache = layer.init_cache(2, 6, "bfloat16", mode=mode)
+    out, new_cache = layer(x, positions, causal_mask(4, 6, 0), cache=CacheSlot(cache), cache_index=0)
+    assert [keras.backend.standardize_dtype(t.dtype) for t in new_cache] == ["bfloat16"] * 2
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
