@@ -141,7 +141,20 @@ def _format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _set_seed(seed: int) -> None:
+def _wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """A barrier on the coordination service: processes that compile at
+    different speeds meet here, not in the first collective (gloo gives up
+    on a peer after 30 s)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
+def set_seed(seed: int) -> None:
     """keras.utils.set_random_seed without its side effect of importing
     TensorFlow (to seed tf.random) when TF is installed."""
     import random
@@ -176,8 +189,11 @@ class Engine:
                               s.batch_size)
         self.policy, self.float8 = resolve_precision(s.precision, self.platform)
         self.distribution = make_distribution(self.plan, self.devices)
-        with dtype_policy(self.policy), self.distribution.scope():
-            _set_seed(s.seed)
+        # Variables are created on one device, then laid out on the mesh by
+        # the distribution's LayoutMap (`_lay_out`): Keras' own placement uses
+        # jax.device_put, which JAX 0.4.30 refuses for multi-process meshes.
+        with dtype_policy(self.policy):
+            set_seed(s.seed)
             self.model = DeepSeekV3ForCausalLM(config)
             if self.float8:
                 self.model.quantize("float8")
@@ -185,6 +201,7 @@ class Engine:
             self.optimizer = make_optimizer(self.model, self.schedule, s.weight_decay,
                                             s.grad_clip_norm)
             self.optimizer.build(self.model.trainable_variables)
+        self._lay_out()
         self.moe_names = [layer.name for layer in self.model.decoder_layers
                           if layer.mlp in self.model.moe_layers()]
         self.fingerprint = {"model_config": config.to_dict(), "seq_len": s.seq_len,
@@ -193,6 +210,16 @@ class Engine:
                             "gradient_accumulation": s.gradient_accumulation,
                             "learning_rate": s.learning_rate, "warmup_steps": s.warmup_steps}
         self._step_fn = self._build_step()
+
+    def _lay_out(self) -> None:
+        """Every model and optimizer variable onto the layout the
+        distribution gives its path (optimizer moments are named after
+        their variable, so they match the same LayoutMap entries)."""
+        for v in self.model.weights + self.optimizer.variables:
+            sharding = self.distribution.get_variable_layout(v).backend_layout
+            v.assign(global_array(np.asarray(v.value), sharding))
+            if v.value.sharding != sharding:
+                raise RuntimeError(f"{v.path}: could not lay out as {sharding}")
 
     # ------------------------------------------------------------- the step
     def _build_step(self):
@@ -225,18 +252,26 @@ class Engine:
             bias0 = [ntv[i] for i in bias_idx]
             for i in load_idx + dropped_idx:  # counters cover this step only
                 ntv[i] = ops.zeros_like(ntv[i])
-            grads, loss_sum, ce_sum, micro_loads = None, 0.0, 0.0, []
-            for a in range(accumulation):
-                (loss, (ce, ntv)), g = grad_fn(tv, ntv, ids[a], None if mask is None else mask[a])
+            def micro_step(carry, batch):
+                ntv, grads, loss_sum, ce_sum = carry
+                ids, mask = batch
+                (loss, (ce, ntv)), g = grad_fn(tv, ntv, ids, mask)
                 ntv = list(ntv)
-                micro_loads.append([ntv[i] for i in load_idx])
                 for i, b in zip(bias_idx, bias0):  # one bias for the whole step
                     ntv[i] = b
-                if grads is None:
-                    grads = list(g)
-                else:  # float8 scales are overwritten by their "gradient": keep the last
-                    grads = [gn if ow else ga + gn for ga, gn, ow in zip(grads, g, overwrite)]
-                loss_sum, ce_sum = loss_sum + loss, ce_sum + ce
+                # float8 scales are overwritten by their "gradient": keep the last.
+                grads = [gn if ow else ga + gn for ga, gn, ow in zip(grads, g, overwrite)]
+                return (ntv, grads, loss_sum + loss, ce_sum + ce), [ntv[i] for i in load_idx]
+
+            zeros = [jax.numpy.zeros_like(x) for x in tv]
+            carry = (ntv, zeros, jax.numpy.float32(0.0), jax.numpy.float32(0.0))
+            if accumulation == 1:
+                carry, micro = micro_step(carry, (ids[0], None if mask is None else mask[0]))
+                micro_loads = [micro]
+            else:  # a scan: the step compiles once whatever the accumulation
+                carry, micro_loads = jax.lax.scan(micro_step, carry, (ids, mask))
+            ntv, grads, loss_sum, ce_sum = carry
+            ntv = list(ntv)
             if accumulation > 1:
                 grads = [g if ow else g / accumulation for g, ow in zip(grads, overwrite)]
             loads = [ntv[i] for i in load_idx]
@@ -251,7 +286,8 @@ class Engine:
                        "bias": ops.stack([ntv[i] for i in bias_idx]) if loads
                        else ops.zeros((0,))}
             if s.record_history and loads:  # cumulative load after each micro-batch
-                metrics["micro_load"] = ops.stack([ops.stack(m) for m in micro_loads])
+                metrics["micro_load"] = (ops.stack(micro_loads[0])[None] if accumulation == 1
+                                         else ops.stack(micro_loads, axis=1))
             return tv, ntv, ov, metrics
 
         shardings = lambda variables: [v.value.sharding for v in variables]  # noqa: E731
@@ -356,13 +392,17 @@ class Engine:
         first_step_seconds = None
         interval_loss = interval_ce = 0.0
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
+        compiled = None
         with dtype_policy(self.policy):
             for step in range(start_step, end):
                 t0 = time.perf_counter()
                 ids = global_array(np.asarray(tokens[step * A:(step + 1) * A], np.int32), sharding)
                 mask = (None if padding_mask is None else global_array(
                     np.asarray(padding_mask[step * A:(step + 1) * A], np.int32), sharding))
-                tv, ntv, ov, metrics = self._step_fn(tv, ntv, ov, ids, mask)
+                if compiled is None:
+                    compiled = self._step_fn.lower(tv, ntv, ov, ids, mask).compile()
+                    _wait_for_all_processes("deepseek_tfx_step_compiled")
+                tv, ntv, ov, metrics = compiled(tv, ntv, ov, ids, mask)
                 m = jax.device_get(metrics)
                 if first_step_seconds is None:
                     first_step_seconds = time.perf_counter() - t0

@@ -64,9 +64,11 @@ def plan_mesh(num_devices: int, expert_parallel: int, n_routed_experts: int,
     return MeshPlan(batch=num_devices // expert_parallel, expert=expert_parallel)
 
 
-def initialize_from_env() -> int:
+def initialize_from_env(seed: int) -> int:
     """Joins a multi-process job when the environment describes one; returns
-    the number of processes. Must run before JAX touches a device."""
+    the number of processes. Must run before JAX touches a device. The seed
+    is set first: every process initialises the same weights, and Keras
+    skips its cross-process seed agreement (a pmap that gloo cannot start)."""
     processes = int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1") or 1)
     if processes > 1:
         import jax
@@ -78,6 +80,9 @@ def initialize_from_env() -> int:
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
             # CPU processes talk through gloo (JAX's default has no CPU collectives).
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        from training.engine import set_seed
+
+        set_seed(seed)
         keras.distribution.initialize()
     return processes
 

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("KERAS_BACKEND", "jax")
     from training.parallel import initialize_from_env
 
-    initialize_from_env()  # before anything touches a device
+    initialize_from_env(int(spec["engine"].get("seed", 0)))  # before any device is touched
     import jax
     import numpy as np
 
