@@ -3,7 +3,7 @@ pushes DeepSeek-V3-style models (MLA + DeepSeekMoE) written in Keras 3."""
 
 from setuptools import setup
 
-PACKAGES = ["pipeline", "components", "model", "data", "kubeflow", "benchmarks"]
+PACKAGES = ["pipeline", "components", "model", "data", "kubeflow", "benchmarks", "training"]
 
 setup(
     name="deepseek-tfx",

@@ -350,6 +350,23 @@ class Engine:
         """Every model variable's full value, keyed by its path inside the model."""
         return {relative_path(v): to_host(v.value) for v in self.model.weights}
 
+    def step_runner(self, micro_batches: np.ndarray):
+        """-> (run, compile_seconds): `run()` takes one optimizer step on the
+        same [A, B, S] batch and returns the loss array (benchmarks)."""
+        sharding = batch_sharding(self.distribution, 3)
+        ids = global_array(np.asarray(micro_batches, np.int32), sharding)
+        state = list(self._state())
+        start = time.perf_counter()
+        compiled = self._step_fn.lower(*state, ids, None).compile()
+        compile_seconds = time.perf_counter() - start
+
+        def run():
+            tv, ntv, ov, metrics = compiled(*state, ids, None)
+            state[:] = [tv, ntv, ov]
+            return metrics["loss"]
+
+        return run, compile_seconds
+
     # ---------------------------------------------------------------- loop
     def train(self, tokens: np.ndarray, padding_mask: Optional[np.ndarray] = None,
               stop_after: Optional[int] = None) -> dict:

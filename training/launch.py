@@ -14,6 +14,11 @@ from typing import Callable, Dict, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# An interpreter with its own environment for the engine (the GPU image's
+# JAX-CUDA venv, docker/Dockerfile.gpu); default: this one.
+ENGINE_PYTHON = "DEEPSEEK_TFX_ENGINE_PYTHON"
+
+
 class EngineFailed(RuntimeError):
     """The engine process exited non-zero; the message carries its last lines."""
 
@@ -29,7 +34,8 @@ def worker_env(virtual_devices: Optional[int] = None,
     is imported, hence in the child)."""
     env = dict(os.environ)
     env["KERAS_BACKEND"] = "jax"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    if not env.get(ENGINE_PYTHON):  # same interpreter: the project from this checkout
+        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if virtual_devices:
         flags = [f for f in env.get("XLA_FLAGS", "").split()
@@ -44,8 +50,11 @@ def start_worker(spec: dict, spec_path: str, env: Dict[str, str]) -> subprocess.
     os.makedirs(os.path.dirname(os.path.abspath(spec_path)), exist_ok=True)
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    return subprocess.Popen([sys.executable, "-u", "-m", "training.worker", spec_path],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    python = env.get(ENGINE_PYTHON) or sys.executable
+    # With another interpreter the working directory must not shadow its
+    # site-packages (python -m puts the cwd first on sys.path).
+    cwd = ROOT if python == sys.executable else os.path.dirname(os.path.abspath(spec_path))
+    return subprocess.Popen([python, "-u", "-m", "training.worker", spec_path], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 

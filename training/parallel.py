@@ -22,8 +22,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-# Routed-expert weights are expert-major [E, ...]; these names match them.
-EXPERT_WEIGHT_PATTERN = r"experts_(gate|up|down)_proj"
+# Routed-expert weights are expert-major [E, ...]; this matches their paths
+# (".../mlp/experts_gate_proj") and their optimizer moments' names
+# ("..._mlp_experts_gate_proj_momentum"), not the shared experts'.
+EXPERT_WEIGHT_PATTERN = r"mlp[/_]experts_(gate|up|down)_proj($|_)"
 MESH_AXES = ("batch", "expert")
 
 
