@@ -165,6 +165,10 @@ def test_invalid_settings_are_refused_before_anything_runs(tmp_path):
         _settings(tmp_path, model_overrides={"num_experts_per_tok": 99})
     with pytest.raises(SettingsError, match="max_position_embeddings"):
         _settings(tmp_path, seq_len=4096)
+    with pytest.raises(SettingsError, match="expert_parallel: 3 does not divide the model's 4"):
+        _settings(tmp_path, expert_parallel=3)
+    with pytest.raises(SettingsError, match="gradient_accumulation"):
+        _settings(tmp_path, gradient_accumulation=0)
     run_dir = tmp_path / "cli_run"
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
                           "--preset", "tiny", "--model-overrides", '{"n_group": 3}'],
