@@ -206,3 +206,21 @@ def test_kill_9_then_resume_matches_and_resumes_onto_8_devices(runs, tmp_path):
     result8, weights8, _ = _run(tmp_path / "resumed8", spec8, devices=8)
     assert result8["start_step"] == max(saved) and result8["num_devices"] == 8
     _assert_same_weights(runs["one"][1], weights8)
+
+
+def test_pads_add_no_expert_load_and_the_bias_follows_the_real_tokens(tmp_path):
+    steps = 3
+    tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, (steps, BATCH, SEQ))
+    mask = np.ones_like(tokens)
+    mask[:, ::2, :5] = 0  # left padding on every other row
+    np.save(tmp_path / "tokens.npy", tokens.astype(np.int32))
+    np.save(tmp_path / "mask.npy", mask.astype(np.int32))
+    spec = dict(_spec(tmp_path, str(tmp_path / "tokens.npy"), train_steps=steps, log_every=1),
+                padding_mask=str(tmp_path / "mask.npy"))
+    result, _, _ = _run(tmp_path / "pads", spec, devices=2)
+    before = np.zeros(TINY.n_routed_experts)
+    for s, m in zip(result["steps"], mask):
+        (load,), (bias,) = np.asarray(s["load"]), np.asarray(s["bias"])
+        assert load.sum() == m.sum() * TINY.num_experts_per_tok
+        np.testing.assert_allclose(bias - before, GAMMA * np.sign(load.mean() - load), atol=1e-6)
+        before = bias
