@@ -59,8 +59,8 @@ SIZES: Dict[str, Sizes] = {
     ),
     "quick": Sizes(
         attn_seq_lens=(128, 256, 512, 1024), attn_batch=1, attn_repeats=5,
-        moe_experts=(4, 8, 16, 32, 64), moe_top_k=(1, 2, 4, 8), moe_tokens=2048, moe_hidden=256,
-        moe_expert_dim=128, moe_repeats=3,
+        moe_experts=(4, 8, 16, 32, 64, 256), moe_top_k=(1, 2, 4, 8), moe_tokens=2048,
+        moe_hidden=256, moe_expert_dim=128, moe_repeats=3,
         decode_contexts=(512, 1024, 2048), decode_batch=4, decode_repeats=5, decode_inner=4,
         fp8_steps=30, fp8_batch=16, fp8_seq_len=64,
         train_batch=8, train_seq_len=128, train_repeats=5, reference_steps=5,
@@ -68,8 +68,8 @@ SIZES: Dict[str, Sizes] = {
     ),
     "full": Sizes(
         attn_seq_lens=(128, 256, 512, 1024, 2048), attn_batch=1, attn_repeats=7,
-        moe_experts=(4, 8, 16, 32, 64), moe_top_k=(1, 2, 4, 8), moe_tokens=2048, moe_hidden=256,
-        moe_expert_dim=128, moe_repeats=5,
+        moe_experts=(4, 8, 16, 32, 64, 256), moe_top_k=(1, 2, 4, 8), moe_tokens=2048,
+        moe_hidden=256, moe_expert_dim=128, moe_repeats=5,
         decode_contexts=(512, 1024, 2048, 4096), decode_batch=4, decode_repeats=7, decode_inner=4,
         fp8_steps=30, fp8_batch=16, fp8_seq_len=64,
         train_batch=8, train_seq_len=128, train_repeats=7, reference_steps=7,
@@ -111,7 +111,7 @@ def decode_config(mode: str) -> DeepSeekV3Config:
 def moe_config(num_experts: int, top_k: int, hidden: int, expert_dim: int) -> DeepSeekV3Config:
     """One DeepSeekMoE layer: routed experts only (no shared expert, whose
     constant cost would hide how the routed path scales), no group limit,
-    the default training capacity factor."""
+    the default (dropless) routing."""
     return DeepSeekV3Config(
         hidden_size=hidden, moe_intermediate_size=expert_dim, n_routed_experts=num_experts,
         num_experts_per_tok=top_k, n_shared_experts=0, n_group=1, topk_group=1)

@@ -1,5 +1,5 @@
 """Exports of the trained model: a float32 inference copy, the Keras-native
-`model.keras`, and a TF SavedModel (Keras 3 `ExportArchive`) with two
+`model.keras`, and a TF SavedModel (Keras 3 `ExportArchive`) with three
 signatures:
 
 * ``serving_default(examples: tf.string [B])`` -- serialized tf.Examples with
@@ -16,6 +16,15 @@ signatures:
   `tf.random.stateless_categorical` seeded by (seed, step) -- reproducible
   for a given seed, though not the same draws as the NumPy reference.
   There is no EOS handling: every row gets exactly max_new_tokens tokens.
+* ``token_metrics(examples: tf.string [B])`` -- the per-example scalars
+  TensorFlow Model Analysis aggregates (`components.evaluation`):
+  ``example_loss`` float32 [B], the mean next-token cross-entropy of the
+  example over its target positions, ``token_count`` float32 [B], the
+  number of those positions (the weight that turns the mean of example
+  losses into the corpus per-token loss), and ``correct_tokens`` float32
+  [B], how many targets are the argmax of the logits. Every `input_ids`
+  value is a real token (fixed-length records, no padding id), so every
+  position after the first is a target.
 """
 
 from __future__ import annotations
@@ -76,6 +85,25 @@ def serving_fn(model, seq_len: int):
         return {"logits": logits, "token_loss": token_loss}
 
     return serve
+
+
+def token_metrics_fn(model, seq_len: int):
+    from model.deepseek_v3 import sparse_ce
+
+    spec = {"input_ids": tf.io.FixedLenFeature([int(seq_len)], tf.int64)}
+
+    def token_metrics(examples):
+        ids = tf.cast(tf.io.parse_example(examples, spec)["input_ids"], tf.int32)
+        logits = tf.cast(model(ids, training=False), tf.float32)[:, :-1]
+        targets = ids[:, 1:]
+        losses = tf.cast(sparse_ce(logits, targets), tf.float32)
+        count = tf.cast(tf.shape(targets)[1], tf.float32)
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets), tf.float32)
+        return {"example_loss": tf.reduce_mean(losses, axis=1),
+                "token_count": tf.fill(tf.shape(losses)[:1], count),
+                "correct_tokens": tf.reduce_sum(correct, axis=1)}
+
+    return token_metrics
 
 
 def _sample(logits, temperature, top_k, seed, step):
@@ -149,11 +177,14 @@ def generate_fn(model):
 
 
 def export_saved_model(model, seq_len: int, export_dir: str) -> str:
-    """Writes the two-signature SavedModel of `model` to `export_dir`."""
+    """Writes the SavedModel of `model` (the signatures above) to `export_dir`."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
         "serving_default", serving_fn(model, seq_len),
+        input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    archive.add_endpoint(
+        "token_metrics", token_metrics_fn(model, seq_len),
         input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     archive.add_endpoint(
         "generate", generate_fn(model),

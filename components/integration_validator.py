@@ -1,14 +1,17 @@
-"""The Evaluator gate: a TFX component that runs the integration checks on
-the trained model and blesses it (or not), with the reasons.
+"""The integration checks as a TFX component: runs them on the trained
+model and blesses it for the infrastructure (or not), with the reasons.
 
-Output `blessing` is a standard ModelBlessing: custom property `blessed`
-1/0 (what Pusher reads), `current_model` / `current_model_id` (what
-LatestBlessedModelStrategy reads), and `failures` (why not).
+Output `blessing` is a standard InfraBlessing, the artifact TFX's
+InfraValidator writes and the Pusher's ``infra_blessing`` input reads:
+custom property `blessed` 1/0 (what Pusher reads), `current_model` /
+`current_model_id`, and `failures` (why not). Model quality is the
+Evaluator's (TFMA, its ModelBlessing); the Pusher pushes only when both
+blessings say yes. Being an InfraBlessing, not a ModelBlessing, it is never
+mistaken for TFMA's blessing by the latest-blessed-model resolver.
 """
 
 import json
 import os
-from typing import Optional
 
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
@@ -45,28 +48,16 @@ def _eval_tokens(examples: standard_artifacts.Examples, seq_len: int, limit: int
     return np.concatenate(rows)[:limit]
 
 
-def _baseline_loss(baseline_model, tokens, thresholds) -> Optional[float]:
-    if baseline_model is None:
-        return None
-    from components.validation_checks import eval_loss
-
-    baseline = _load_keras_model(baseline_model.uri)
-    n = min(len(tokens), thresholds.eval_batches * thresholds.batch_size)
-    return eval_loss(baseline, tokens[:n], thresholds.batch_size)
-
-
 @component
 def IntegrationValidator(
     model: InputArtifact[standard_artifacts.Model],
     examples: InputArtifact[standard_artifacts.Examples],
-    blessing: OutputArtifact[standard_artifacts.ModelBlessing],
+    blessing: OutputArtifact[standard_artifacts.InfraBlessing],
     report: OutputArtifact[ValidationReport],
-    baseline_model: InputArtifact[standard_artifacts.Model] = None,
     thresholds_json: Parameter[str] = "{}",
 ):
     """Forward pass, gradient flow, expert balance, KV-cache memory, decode and
-    SavedModel parity, and quality against the data's optimum and the last
-    blessed model; blesses only when all pass."""
+    SavedModel parity; blesses only when all pass."""
     from components.validation_checks import GateThresholds, IntegrationValidator as Checks
     from components.validation_checks import to_markdown
 
@@ -78,15 +69,10 @@ def IntegrationValidator(
         with fileio.open(summary_path) as f:
             seq_len = json.load(f)["seq_len"]
     tokens = _eval_tokens(examples, seq_len, thresholds.eval_batches * thresholds.batch_size)
-    optimal = (examples.get_float_custom_property("optimal_loss")
-               if examples.has_custom_property("optimal_loss") else None)
-    baseline_loss = _baseline_loss(baseline_model, tokens, thresholds)
     serving_dir = os.path.join(model.uri, "Format-Serving")
     result = Checks(keras_model, tokens, thresholds).run(
-        serving_dir=serving_dir if fileio.isdir(serving_dir) else None,
-        optimal_loss=optimal, baseline_loss=baseline_loss)
+        serving_dir=serving_dir if fileio.isdir(serving_dir) else None)
     result["model_uri"] = model.uri
-    result["baseline_model_uri"] = baseline_model.uri if baseline_model is not None else None
     result["thresholds"] = json.loads(thresholds_json or "{}")
 
     # fileio: artifact URIs may be gs:// (Kubeflow) as well as local paths.
@@ -104,10 +90,5 @@ def IntegrationValidator(
     blessing.set_string_custom_property("current_model", model.uri)
     blessing.set_int_custom_property("current_model_id", model.id)
     blessing.set_string_custom_property("failures", json.dumps(result["failures"]))
-    if result["checks"].get("quality", {}).get("eval_loss") is not None:
-        blessing.set_float_custom_property("eval_loss", float(result["checks"]["quality"]["eval_loss"]))
-    if baseline_model is not None:
-        blessing.set_string_custom_property("baseline_model", baseline_model.uri)
-        blessing.set_int_custom_property("baseline_model_id", baseline_model.id)
     print(to_markdown(result))
 

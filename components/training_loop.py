@@ -1,6 +1,7 @@
-"""What the Trainer adapter (components/trainer.py) and the export still
-need from TensorFlow's side: the dtype-policy context, variable paths, and the
-tf.data readers used when no TFX DataAccessor is given. Training itself runs
+"""What the Trainer adapter (components/trainer.py), the export and the demo
+still need from TensorFlow's side: the dtype-policy context, variable paths,
+the tf.data readers used when no TFX DataAccessor is given, and the router-bias
+callback for `model.fit` (pipeline/demo.py). Training itself runs
 in the engine (`training/`, Keras on JAX)."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 from typing import List, Optional, Sequence
+
+import numpy as np
 
 import keras  # noqa: E402  (Keras 3; never tf.keras)
 import tensorflow as tf  # noqa: E402
@@ -74,3 +77,22 @@ def eval_dataset(patterns, seq_len: int, batch_size: int, max_batches: Optional[
     if max_batches:
         ds = ds.take(max_batches)
     return ds
+
+
+class RouterBiasUpdate(keras.callbacks.Callback):
+    """Aux-loss-free balancing for `fit`: once per optimizer step, moves each
+    MoE router bias by the load routed during that step (counter snapshot at
+    batch begin, delta at batch end). The MoE forward never moves the bias.
+    List it before callbacks that reset the counters (TrainingMonitor)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.layers = [m for m in model.moe_layers() if m.config.bias_update_speed > 0]
+        self._before = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._before = [np.asarray(keras.ops.convert_to_numpy(m.expert_load)) for m in self.layers]
+
+    def on_train_batch_end(self, batch, logs=None):
+        for moe, before in zip(self.layers, self._before):
+            moe.apply_bias_update(np.asarray(keras.ops.convert_to_numpy(moe.expert_load)) - before)

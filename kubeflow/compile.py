@@ -7,7 +7,8 @@ task per component, ``deploymentSpec.executors`` with one container per
 component, running TFX's ``kubeflow_v2_run_executor`` entrypoint with the
 executor's class path), plus ``runtimeConfig.gcsOutputDirectory`` (the
 pipeline root). `kubeflow.deploy` turns it into the YAML package the kfp
-client uploads; `kubeflow.local_execution` runs it on this machine.
+client uploads; the e2e tests run it on this machine with a small emulator
+of the KFP backend (tests/support/kfp_local.py).
 
 What compiling adds to the DAG definition (nothing else changes):
 
@@ -21,13 +22,15 @@ What compiling adds to the DAG definition (nothing else changes):
   (``<pipeline_root>/checkpoints/<training fingerprint>``; a path on this
   machine would mean nothing in a pod, and shared storage lets a retried
   Trainer pod resume);
-* for ``platform="kfp"`` (open-source Kubeflow Pipelines), the removal of
-  the latest-blessed-model resolver: KubeflowV2DagRunner compiles it to two
-  ``resolver`` executors (MLMD queries), which only Vertex AI Pipelines
-  implements; the open-source backend rejects the whole run ("resolver
-  executors not implemented"). Without it the gate runs with no baseline
-  model (its ``baseline_model`` input is optional). ``platform="vertex"``
-  keeps them.
+* the Evaluator's baseline (`PLATFORM_BASELINE`): on Vertex AI Pipelines
+  the latest blessed model, TFX's Resolver, which KubeflowV2DagRunner
+  compiles to two ``resolver`` executors (MLMD queries); open-source
+  Kubeflow Pipelines implements no resolver executor and rejects the whole
+  run, so for ``platform="kfp"`` the pipeline is *built* without the
+  Resolver (``create_pipeline(baseline="latest_pushed")``): the baseline is
+  the newest version in the Pusher's serving directory, read by a plain
+  component (components/latest_pushed_model.py), and compiling says so on
+  stderr. The compiled JSON is never edited.
 """
 
 from __future__ import annotations
@@ -49,9 +52,13 @@ DEFAULT_MEMORY = "32G"
 BEAM_RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner")
 
 TRAINER_ID = "Trainer"
-BASELINE_RESOLVER_ID = "latest_blessed_model_resolver"
-GATE_ID = "IntegrationValidator"
-GATE_BASELINE_INPUT = "baseline_model"
+#: The Evaluator's baseline per platform (see pipeline.pipeline.BASELINES).
+PLATFORM_BASELINE = {"kfp": "latest_pushed", "vertex": "latest_blessed"}
+PLATFORM_NOTES = {
+    "kfp": ("open-source Kubeflow Pipelines cannot run TFX Resolver tasks: the Evaluator's baseline is "
+            "the latest model pushed to the serving directory (LatestPushedModel), not the latest "
+            "blessed one; use --platform vertex for the Resolver"),
+}
 
 _DEFAULT_IMAGE_KEY = "default_image_path"  # TFX's key for "every other component" in an image map
 _MEMORY_UNITS = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
@@ -176,30 +183,6 @@ def _retarget_checkpoints(trainer, settings, pipeline_root: str) -> None:
     trainer.exec_properties["custom_config"] = json.dumps(config, sort_keys=True)
 
 
-def _drop_resolver(job: Dict[str, Any]) -> List[str]:
-    """Removes the latest-blessed-model resolver tasks (and their components
-    and executors) and the gate's input from them; marks that input optional."""
-    spec = job["pipelineSpec"]
-    tasks = spec["root"]["dag"]["tasks"]
-    dropped = sorted(name for name in tasks if name.startswith(BASELINE_RESOLVER_ID + "-"))
-    for name in dropped:
-        component = tasks.pop(name)["componentRef"]["name"]
-        label = spec["components"].pop(component)["executorLabel"]
-        spec["deploymentSpec"]["executors"].pop(label)
-    for task in tasks.values():
-        if "dependentTasks" in task:
-            task["dependentTasks"] = [t for t in task["dependentTasks"] if t not in dropped]
-            if not task["dependentTasks"]:
-                del task["dependentTasks"]
-        artifacts = task.get("inputs", {}).get("artifacts", {})
-        for key in [k for k, v in artifacts.items()
-                    if v.get("taskOutputArtifact", {}).get("producerTask") in dropped]:
-            del artifacts[key]
-            component = spec["components"][task["componentRef"]["name"]]
-            component["inputDefinitions"]["artifacts"][key]["isOptional"] = True
-    return dropped
-
-
 class _quiet_inverted_image_warning:
     """TFX 1.16 warns "DEFAULT_IMAGE_PATH_KEY is not found in default_image"
     exactly when it *is* found (an inverted check in pipeline_builder); drop
@@ -231,7 +214,8 @@ def compile_pipeline(settings, output: str, image: str, pipeline_root: str,
 
     `beam_args` replaces the settings' Beam arguments when given (see
     `beam_pipeline_args`). `gpu_type` defaults per platform
-    (`DEFAULT_GPU_TYPE`); `gpu_count=0` requests no accelerator."""
+    (`DEFAULT_GPU_TYPE`); `gpu_count=0` requests no accelerator. The
+    platform's note (`PLATFORM_NOTES`) is printed to stderr."""
     from tfx import v1 as tfx
 
     from pipeline.pipeline import create_pipeline
@@ -248,7 +232,9 @@ def compile_pipeline(settings, output: str, image: str, pipeline_root: str,
         beam_args = beam_pipeline_args("DirectRunner", (), settings.beam_pipeline_args)
 
     pipeline = create_pipeline(settings, pipeline_root=pipeline_root, beam_pipeline_args=list(beam_args),
-                               trainer_platform_config=resources)
+                               trainer_platform_config=resources, baseline=PLATFORM_BASELINE[platform])
+    if platform in PLATFORM_NOTES:
+        print(f"deepseek-tfx: warning: {PLATFORM_NOTES[platform]}", file=sys.stderr)
     trainer = next(c for c in pipeline.components if c.id == TRAINER_ID)
     _retarget_checkpoints(trainer, settings, pipeline_root)
 
@@ -262,8 +248,6 @@ def compile_pipeline(settings, output: str, image: str, pipeline_root: str,
     with _quiet_inverted_image_warning():
         job = runner.run(pipeline, write_out=False)
     job["pipelineSpec"]["defaultPipelineRoot"] = pipeline_root
-    if platform == "kfp":
-        _drop_resolver(job)
 
     output = os.path.abspath(output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
@@ -325,9 +309,3 @@ def check_executors_importable(job: Dict[str, Any]) -> Dict[str, str]:
         except ImportError as e:
             raise CompileError(f"{label}: executor {path} does not import: {e.__cause__ or e}") from None
     return paths
-
-
-def main(argv=None) -> int:  # pragma: no cover - `deepseek-tfx compile` is the interface
-    from pipeline.cli import main as cli_main
-
-    return cli_main(["compile", *(argv if argv is not None else sys.argv[1:])])

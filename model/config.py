@@ -77,9 +77,11 @@ class DeepSeekV3Config:
     bias_update_speed: float = 0.001
     # Complementary sequence-wise balance loss weight alpha (0 disables it).
     seq_aux_loss_alpha: float = 0.0
-    # Training-time expert capacity as a multiple of the even share
-    # (tokens * top_k / experts); None = dropless. Inference is always dropless.
-    expert_capacity_factor: Optional[float] = 2.0
+    # Optional training-time expert capacity as a multiple of the even share
+    # (real tokens * top_k / experts); overflow is dropped by routing score.
+    # None (the default, as DeepSeek-V3 trains) = dropless. Inference is
+    # always dropless.
+    expert_capacity_factor: Optional[float] = None
 
     # Multi-token prediction: depth D and loss weight lambda.
     num_nextn_predict_layers: int = 0

@@ -34,10 +34,13 @@ class DecoderBlock(keras.layers.Layer):
         for layer in (self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp):
             layer.build(input_shape)
 
-    def call(self, x, positions, mask, cache=None, cache_index=None, mode=None, training=False):
+    def call(self, x, positions, mask, cache=None, cache_index=None, mode=None, training=False,
+             padding_mask=None):
         attn_out, new_cache = self.self_attn(
             self.input_layernorm(x), positions, mask, cache=cache, cache_index=cache_index, mode=mode)
         h = x + attn_out
         normed = self.post_attention_layernorm(h)
-        ffn = self.mlp(normed, training=training) if self.is_moe else self.mlp(normed)
+        # padding_mask [B, S] (1 = real) keeps pad tokens out of MoE routing.
+        ffn = (self.mlp(normed, training=training, padding_mask=padding_mask)
+               if self.is_moe else self.mlp(normed))
         return h + ffn, new_cache

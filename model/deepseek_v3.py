@@ -44,6 +44,14 @@ def sparse_ce(logits, targets):
         targets, ops.cast(logits, "float32"), from_logits=True)
 
 
+def masked_mean(values, target_mask=None):
+    """Mean over real targets (target_mask 1); a plain mean without a mask."""
+    if target_mask is None:
+        return ops.mean(values)
+    m = ops.cast(target_mask, "float32")
+    return ops.sum(values * m) / ops.maximum(ops.sum(m), 1.0)
+
+
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
 class DeepSeekV3ForCausalLM(keras.Model):
     def __init__(self, config: DeepSeekV3Config, **kwargs):
@@ -96,13 +104,14 @@ class DeepSeekV3ForCausalLM(keras.Model):
         return inputs, None
 
     def decode(self, token_ids, positions, mask, caches=None, cache_index=None, mode=None,
-               training=False):
+               training=False, padding_mask=None):
         """Runs the backbone; returns (final hidden before norm, new caches)."""
         x = self.embed_tokens(token_ids)
         new_caches = []
         for i, layer in enumerate(self.decoder_layers):
             x, cache = layer(x, positions, mask, cache=None if caches is None else caches[i],
-                             cache_index=cache_index, mode=mode, training=training)
+                             cache_index=cache_index, mode=mode, training=training,
+                             padding_mask=padding_mask)
             new_caches.append(cache)
         return x, (new_caches if caches is not None else None)
 
@@ -115,25 +124,41 @@ class DeepSeekV3ForCausalLM(keras.Model):
         else:
             positions = positions_from_padding(padding_mask)
         mask = causal_mask(seq_len, seq_len, 0, padding_mask)
-        hidden, _ = self.decode(token_ids, positions, mask, mode=mode, training=training)
+        hidden, _ = self.decode(token_ids, positions, mask, mode=mode, training=training,
+                                padding_mask=padding_mask)
         logits = self.logits_from_hidden(self.norm(hidden), training=training)
         if training and self.mtp_modules:
-            self.add_loss(self._mtp_loss(token_ids, hidden, positions, mask, training))
+            self.add_loss(self._mtp_loss(token_ids, hidden, positions, mask, training, padding_mask))
         return logits
 
-    def _mtp_loss(self, token_ids, hidden, positions, mask, training):
-        """lambda / D * sum_k CE(module k's prediction of t_{i+k+1})."""
-        c = self.config
-        total = 0.0
+    def mtp_logits(self, token_ids, hidden, positions, mask, training=False, padding_mask=None):
+        """Depth-k logits [B, S-k-1, V] for k = 1..D: position i predicts t_{i+k+1}."""
+        out = []
         previous = hidden
         for k, module in enumerate(self.mtp_modules, start=1):
             span = ops.shape(token_ids)[1] - k
             previous = previous[:, :span]
             next_embeddings = self.embed_tokens(token_ids[:, k:])
-            previous, normed = module(previous, next_embeddings, positions[:, :span],
-                                      mask[:, :span, :span], training=training)
-            logits = self.logits_from_hidden(normed[:, :-1], training=training)
-            total = total + ops.mean(sparse_ce(logits, token_ids[:, k + 1:]))
+            previous, normed = module(
+                previous, next_embeddings, positions[:, :span], mask[:, :span, :span],
+                training=training,
+                padding_mask=None if padding_mask is None else padding_mask[:, :span])
+            out.append(self.logits_from_hidden(normed[:, :-1], training=training))
+        return out
+
+    def _mtp_loss(self, token_ids, hidden, positions, mask, training, padding_mask=None):
+        """lambda / D * sum_k CE(module k's prediction of t_{i+k+1}), averaged
+        over real (position, target) pairs (pad targets ignored)."""
+        c = self.config
+        total = 0.0
+        for k, logits in enumerate(self.mtp_logits(token_ids, hidden, positions, mask, training,
+                                                   padding_mask), start=1):
+            # A target counts when it and the position predicting it are real
+            # (with left padding the last pad would otherwise predict t_0..t_k).
+            target_mask = None if padding_mask is None else (
+                ops.cast(padding_mask[:, k + 1:], "float32")
+                * ops.cast(padding_mask[:, : ops.shape(padding_mask)[1] - k - 1], "float32"))
+            total = total + masked_mean(sparse_ce(logits, token_ids[:, k + 1:]), target_mask)
         return c.mtp_loss_weight / len(self.mtp_modules) * total
 
     # ------------------------------------------------------------ KV caching

@@ -39,10 +39,12 @@ class MTPModule(keras.layers.Layer):
         self.block.build(input_shape)
         self.shared_head_norm.build(input_shape)
 
-    def call(self, previous_hidden, next_embeddings, positions, mask, training=False):
+    def call(self, previous_hidden, next_embeddings, positions, mask, training=False,
+             padding_mask=None):
         """previous_hidden, next_embeddings: [B, S', hidden] already aligned
         (h^{k-1}_i with Emb(t_{i+k})). Returns h^k normalised for the head."""
         merged = self.eh_proj(ops.concatenate(
             [self.enorm(next_embeddings), self.hnorm(previous_hidden)], axis=-1))
-        hidden, _ = self.block(merged, positions, mask, training=training)
+        hidden, _ = self.block(merged, positions, mask, training=training,
+                               padding_mask=padding_mask)
         return hidden, self.shared_head_norm(hidden)

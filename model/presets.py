@@ -1,4 +1,5 @@
-"""Named configurations: from unit-test size up to the published 671B shape."""
+"""Named configurations: from unit-test size up to the published 671B shape.
+Every preset is dropless (expert_capacity_factor None, the config default)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ PRESETS = {
         first_k_dense_replace=3, rope_theta=10000.0,
         rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-        num_nextn_predict_layers=1, expert_capacity_factor=None,
+        num_nextn_predict_layers=1,
     ),
 }
 

@@ -149,8 +149,8 @@ def _add_pipeline_settings_args(p, required: bool = True) -> None:
     p.add_argument("--pipeline-root", required=required,
                    help="artifact root every pod reads and writes: gs://..., s3://... or a mounted path")
     p.add_argument("--platform", choices=("kfp", "vertex"), default="kfp",
-                   help="kfp: open-source Kubeflow Pipelines (drops the baseline resolver, which its "
-                        "backend cannot run); vertex: Vertex AI Pipelines")
+                   help="kfp: open-source Kubeflow Pipelines (the baseline is the latest pushed model: its "
+                        "backend cannot run TFX Resolvers); vertex: Vertex AI Pipelines")
     p.add_argument("--gpu-type", help="Trainer accelerator (default nvidia.com/gpu for kfp, "
                                       "NVIDIA_TESLA_A100 for vertex)")
     p.add_argument("--gpu-count", type=int, default=1, help="Trainer accelerators; 0 = none")

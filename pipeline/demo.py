@@ -44,7 +44,10 @@ def run_demo(preset: str = "mini", steps: int = 300, batch_size: int = 32, seq_l
 
     start = time.time()
     dataset = np.resize(train, (steps * batch_size, seq_len))
-    model.fit(dataset, dataset, batch_size=batch_size, epochs=1, verbose=0, callbacks=[Progress()])
+    from components.training_loop import RouterBiasUpdate  # the MoE bias moves per step
+
+    model.fit(dataset, dataset, batch_size=batch_size, epochs=1, verbose=0,
+              callbacks=[RouterBiasUpdate(model), Progress()])
     final = model.evaluate(held_out, held_out, batch_size=128, verbose=0)
     print_fn(f"eval loss {initial:.3f} -> {final:.3f} (optimal {best:.3f}) in {time.time() - start:.0f}s")
     util = model.get_expert_utilization()

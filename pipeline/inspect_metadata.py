@@ -1,11 +1,13 @@
-"""Reads a run's ML Metadata store: executions, artifacts, the blessing and
-the lineage from the pushed model back to its examples."""
+"""Reads a run's ML Metadata store: executions, artifacts, the blessings
+(TFMA's ModelBlessing and the integration checks' InfraBlessing), the TFMA
+evaluations (metrics, the change against the baseline, failed thresholds)
+and the lineage from the pushed model back to its examples."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 
 def _store(metadata_path: str):
@@ -64,14 +66,62 @@ def collect(metadata_path: str) -> Dict[str, Any]:
               "kind": "input" if ev.type in (metadata_store_pb2.Event.INPUT,
                                              metadata_store_pb2.Event.DECLARED_INPUT) else "output"}
              for ev in events]
-    blessings = [a for a in artifacts if a["type"] == "ModelBlessing"]
+    evaluations = [dict(read_evaluation(a["uri"]), id=a["id"], uri=a["uri"])
+                   for a in artifacts if a["type"] == "ModelEvaluation"]
+    producer = {e["artifact_id"]: e["execution_id"] for e in edges if e["kind"] == "output"}
+    blessings = [a for a in artifacts if a["type"] in ("ModelBlessing", "InfraBlessing")]
     for b in blessings:
         failures = b["properties"].get("failures")
         b["failures"] = json.loads(failures) if isinstance(failures, str) and failures else []
-    pushed = [a for a in artifacts if a["type"] == "PushedModel"]
+        if b["type"] == "ModelBlessing":  # TFMA's: its reasons are in the evaluation beside it
+            sibling = next((ev for ev in evaluations
+                            if producer.get(ev["id"]) == producer.get(b["id"])), None)
+            b["failures"] = sibling["failures"] if sibling else []
+    # A Pusher that was not allowed to push still writes a PushedModel (pushed = 0).
+    pushed = [a for a in artifacts if a["type"] == "PushedModel" and a["properties"].get("pushed") == 1]
     return {"metadata_path": metadata_path, "runs": runs, "executions": executions,
             "artifacts": artifacts, "events": edges, "blessings": blessings,
+            "evaluations": evaluations,
             "lineage": lineage(artifacts, executions, edges, pushed[-1]["id"]) if pushed else []}
+
+
+def read_evaluation(uri: str) -> Dict[str, Any]:
+    """The overall-slice TFMA metrics of a ModelEvaluation: {"metrics": the
+    candidate's, "baseline": the baseline's, "change": candidate - baseline,
+    "validated": bool or None, "failures": the thresholds that failed}."""
+    import tensorflow_model_analysis as tfma
+
+    out: Dict[str, Any] = {"metrics": {}, "baseline": {}, "change": {}, "validated": None, "failures": []}
+    for record in tfma.load_metrics(uri):
+        if record.slice_key.single_slice_keys:  # overall slice only
+            continue
+        for kv in record.metric_keys_and_values:
+            if not kv.value.HasField("double_value"):
+                continue
+            value = kv.value.double_value.value
+            table = ("change" if kv.key.is_diff else
+                     "baseline" if kv.key.model_name == "baseline" else "metrics")
+            out[table][kv.key.name] = value
+    try:
+        validation = tfma.load_validation_result(uri)
+    except Exception:  # noqa: BLE001 - no validation file: no thresholds were configured
+        return out
+    out["validated"] = bool(validation.validation_ok)
+    for per_slice in validation.metric_validations_per_slice:
+        for failure in per_slice.failures:
+            threshold = failure.metric_threshold
+            if threshold.HasField("change_threshold"):
+                limit = threshold.change_threshold.absolute.value
+                what = f"change vs baseline {failure.metric_value.double_value.value:+.4f} > {limit:+.4f}"
+            else:
+                bound, value = threshold.value_threshold, failure.metric_value.double_value.value
+                what = (f"{value:.4f} > upper bound {bound.upper_bound.value:.4f}"
+                        if bound.HasField("upper_bound") and value > bound.upper_bound.value else
+                        f"{value:.4f} < lower bound {bound.lower_bound.value:.4f}")
+            out["failures"].append(f"tfma {failure.metric_key.name}: {what}")
+    if validation.missing_thresholds:
+        out["failures"].append(f"tfma: thresholds without a metric: {len(validation.missing_thresholds)}")
+    return out
 
 
 def lineage(artifacts: List[dict], executions: List[dict], edges: List[dict],
@@ -114,10 +164,21 @@ def render(info: Dict[str, Any], print_fn=print) -> None:
         print_fn(f"  #{a['id']:<4} {a['type']:<26} {a['uri']}")
         if shown:
             print_fn(f"        {json.dumps(shown, default=str)}")
-    print_fn("\nBlessings:")
+    print_fn("\nEvaluations (TFMA, overall slice):")
+    for ev in info.get("evaluations", []):
+        verdict = {True: "thresholds passed", False: "thresholds FAILED", None: "no thresholds"}[ev["validated"]]
+        print_fn(f"  #{ev['id']} {verdict}")
+        for name, value in sorted(ev["metrics"].items()):
+            change = ev["change"].get(name)
+            vs = (f"  baseline {ev['baseline'][name]:.4f}, change {change:+.4f}"
+                  if change is not None and name in ev["baseline"] else "")
+            print_fn(f"      {name:<20} {value:.4f}{vs}")
+        for failure in ev["failures"]:
+            print_fn(f"      - {failure}")
+    print_fn("\nBlessings (Pusher pushes only when the model and infra blessings both say blessed):")
     for b in info["blessings"]:
         verdict = "blessed" if b["properties"].get("blessed") == 1 else "NOT blessed"
-        print_fn(f"  #{b['id']} {verdict} (model {b['properties'].get('current_model_id')})")
+        print_fn(f"  #{b['id']} {b['type']:<13} {verdict} (model {b['properties'].get('current_model_id')})")
         for failure in b["failures"]:
             print_fn(f"      - {failure}")
     if info["lineage"]:

@@ -4,8 +4,10 @@
       -> StatisticsGen -> ExampleValidator (against CuratedSchemaGen's schema)
       -> DataValidationGate (stops the run on any anomaly or empty split)
       -> Trainer (components.trainer.run_fn)
-      -> IntegrationValidator gate (+ latest blessed model as baseline)
-      -> Pusher (only when blessed)
+      -> Evaluator (TFMA over the eval split; baseline: the latest blessed
+         model, or on open-source KFP the latest pushed one) -> ModelBlessing
+      -> IntegrationValidator (the checks TFMA cannot do)  -> InfraBlessing
+      -> Pusher (model_blessing + infra_blessing: only when both bless)
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ from tfx.proto import example_gen_pb2
 
 from components.curated_schema import CuratedSchemaGen
 from components.data_validation import DataValidationGate
+from components.evaluation import eval_config
 from components.integration_validator import IntegrationValidator
+from components.latest_pushed_model import LatestPushedModel
 from components.synthetic_example_gen import SyntheticTokenExampleGen
 from pipeline.settings import PipelineSettings
 
 TRAINER_RUN_FN = "components.trainer.run_fn"
+BASELINE_RESOLVER_ID = "latest_blessed_model_resolver"
+#: Where the Evaluator's baseline comes from: the latest model TFMA blessed
+#: (TFX's Resolver; needs an orchestrator that runs Resolver nodes: the local
+#: runner, Vertex AI Pipelines), the latest version the Pusher wrote to the
+#: serving directory (a plain component: runs anywhere, e.g. open-source
+#: Kubeflow Pipelines, which has no Resolver executor), or none.
+BASELINES = ("latest_blessed", "latest_pushed", "none")
 
 
 def _example_gen(s: PipelineSettings):
@@ -42,10 +53,30 @@ def _example_gen(s: PipelineSettings):
         generator_params=params)
 
 
+def _baseline(kind: str, candidate, serving_dir: str):
+    """(the baseline Model channel or None, the nodes that produce it)."""
+    if kind == "latest_blessed":
+        resolver = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        ).with_id(BASELINE_RESOLVER_ID)
+        return resolver.outputs["model"], [resolver]
+    if kind == "latest_pushed":
+        pushed = LatestPushedModel(candidate=candidate, serving_dir=serving_dir)
+        return pushed.outputs["baseline"], [pushed]
+    return None, []  # "none"
+
+
 def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = None,
                     metadata_connection_config=None,
                     beam_pipeline_args: Optional[List[str]] = None,
-                    trainer_platform_config=None) -> tfx.dsl.Pipeline:
+                    trainer_platform_config=None,
+                    baseline: str = "latest_blessed") -> tfx.dsl.Pipeline:
+    """The DAG. `baseline` (one of BASELINES) chooses what the Evaluator's
+    change threshold compares against."""
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline: must be one of {BASELINES}, got {baseline!r}")
     s = settings
     config = s.model_config
     example_gen = _example_gen(s)
@@ -69,26 +100,28 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
     if trainer_platform_config is not None:
         trainer.with_platform_config(trainer_platform_config)
 
-    baseline = tfx.dsl.Resolver(
-        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-    ).with_id("latest_blessed_model_resolver")
+    baseline_model, baseline_nodes = _baseline(baseline, trainer.outputs["model"], s.path("serving"))
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        baseline_model=baseline_model,
+        eval_config=eval_config(s),
+        example_splits=["eval"])
 
-    gate = IntegrationValidator(
+    checks = IntegrationValidator(
         model=trainer.outputs["model"],
         examples=example_gen.outputs["examples"],
-        baseline_model=baseline.outputs["model"],
         thresholds_json=json.dumps(s.thresholds, sort_keys=True))
 
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],
-        model_blessing=gate.outputs["blessing"],
+        model_blessing=evaluator.outputs["blessing"],
+        infra_blessing=checks.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=s.path("serving"))))
 
     components = [example_gen, statistics_gen, schema_gen, example_validator, data_gate,
-                  trainer, baseline, gate, pusher]
+                  trainer, *baseline_nodes, evaluator, checks, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=s.pipeline_name,
         pipeline_root=pipeline_root or s.path("pipeline_root"),

@@ -13,6 +13,10 @@ from model import ConfigError, DeepSeekV3Config, get_preset
 _PRECISIONS = ("auto", "float32", "bf16", "float8")
 
 
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
 class SettingsError(ValueError):
     """An invalid pipeline setting; the message names it."""
 
@@ -70,7 +74,10 @@ class PipelineSettings:
             raise SettingsError(f"precision: must be one of {_PRECISIONS}, got {self.precision!r}")
         if self.examples_dir is None and self.eval_examples < self.batch_size:
             raise SettingsError(f"eval_examples ({self.eval_examples}) must be >= batch_size ({self.batch_size})")
-        if self.examples_dir is not None and not os.path.isdir(self.examples_dir):
+        if self.examples_dir is not None and not _is_remote(self.examples_dir) \
+                and not os.path.isdir(self.examples_dir):
+            # A remote URI (gs://, s3://, ...) is checked where it is read: the
+            # compiling machine may have no credentials for the bucket.
             raise SettingsError(f"examples_dir: {self.examples_dir!r} is not a directory")
         config = self.model_config  # validates the preset and overrides
         if self.expert_parallel > 1 and (not config.n_routed_experts

@@ -1,28 +1,44 @@
 """The Kubeflow Pipelines path without a cluster: the pipeline compiled with
 TFX's KubeflowV2DagRunner is checked as KFP's PipelineSpec (tasks,
 dependencies, executors, the Trainer's resources), then executed task by task
-with `kubeflow.local_execution` (each TFX container entrypoint as a
-subprocess, the resolver evaluated against ML Metadata), and `deploy`'s
+with the KFP-backend emulator of tests/support/kfp_local.py (each TFX
+container entrypoint as a subprocess, the resolver evaluated against ML
+Metadata), and `deploy`'s
 failure and submission paths are exercised against loopback servers only.
 
-Runtime: about 4 minutes on 2 CPU cores, almost all of it the local run
-(8 container tasks, each a fresh Python that imports TFX).
+Runtime: about 5 minutes on 2 CPU cores, almost all of it the local run
+(9 container tasks, each a fresh Python that imports TFX).
 """
 
 import http.server
+import importlib.util
 import json
 import os
+import sys
 import threading
 
 import pytest
 
 pytestmark = pytest.mark.e2e
 
+
+def _kfp_local():
+    """The KFP-backend emulator, tests/support/kfp_local.py, loaded by path:
+    `tests` is no package of ours to import from (IPython ships a `tests`
+    package, and TFMA puts IPython's extensions directory on sys.path)."""
+    if "kfp_local" not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support", "kfp_local.py")
+        spec = importlib.util.spec_from_file_location("kfp_local", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kfp_local"] = module  # before exec: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules["kfp_local"]
+
 IMAGE = "registry.example/deepseek-tfx:test"
 TRAINER_IMAGE = "registry.example/deepseek-tfx-gpu:test"
 # Loose enough for a 20-step tiny model: this checks orchestration, not quality.
 THRESHOLDS = {"max_loss_gap_nats": 5.0, "max_expert_load_ratio": 100, "max_expert_load_cv": 5,
-              "max_cache_ratio_vs_mha": 0.5}
+              "max_cache_ratio_vs_mha": 0.5, "min_gain_over_uniform_nats": 0.01}
 RESOLVER_TASKS = {"latest_blessed_model_resolver-model-blessing-resolver",
                   "latest_blessed_model_resolver-model-resolver"}
 # task -> the tasks it must wait for (data and ordering edges).
@@ -33,9 +49,13 @@ EXPECTED_DEPENDENCIES = {
     "ExampleValidator": {"StatisticsGen", "CuratedSchemaGen"},
     "DataValidationGate": {"ExampleValidator", "StatisticsGen"},
     "Trainer": {"SyntheticTokenExampleGen", "CuratedSchemaGen", "DataValidationGate"},
+    "Evaluator": {"Trainer", "SyntheticTokenExampleGen"},
     "IntegrationValidator": {"Trainer", "SyntheticTokenExampleGen"},
-    "Pusher": {"Trainer", "IntegrationValidator"},
+    "Pusher": {"Trainer", "Evaluator", "IntegrationValidator"},
 }
+# Where each platform's Evaluator baseline comes from.
+VERTEX_BASELINE_TASK = "latest_blessed_model_resolver-model-resolver"
+KFP_BASELINE_TASK = "LatestPushedModel"
 
 
 def _settings(tmp):
@@ -97,30 +117,60 @@ def test_one_task_per_component_with_dependencies(compiled, tmp_path):
 
     vertex, kfp = compiled["vertex"][1], compiled["kfp"][1]
     assert set(_tasks(vertex)) == set(EXPECTED_DEPENDENCIES) | RESOLVER_TASKS
-    assert set(_tasks(kfp)) == set(EXPECTED_DEPENDENCIES)
-    for job, extra in ((kfp, {}), (vertex, {"IntegrationValidator": {"latest_blessed_model_resolver-model-resolver"}})):
+    assert set(_tasks(kfp)) == set(EXPECTED_DEPENDENCIES) | {KFP_BASELINE_TASK}
+    assert set(_tasks(kfp)[KFP_BASELINE_TASK]["dependentTasks"]) == {"Trainer"}
+    for job, baseline in ((kfp, KFP_BASELINE_TASK), (vertex, VERTEX_BASELINE_TASK)):
         for name, expected in EXPECTED_DEPENDENCIES.items():
-            assert set(_tasks(job)[name].get("dependentTasks", [])) == expected | extra.get(name, set()), name
+            extra = {baseline} if name == "Evaluator" else set()
+            assert set(_tasks(job)[name].get("dependentTasks", [])) == expected | extra, name
     # The Trainer waits for the data gate though it consumes nothing from it.
     trainer = _tasks(kfp)["Trainer"]
     assert "DataValidationGate" in trainer["dependentTasks"]
     assert set(trainer["inputs"]["artifacts"]) == {"examples", "schema"}
     assert trainer["inputs"]["parameters"]["run_fn"]["runtimeValue"]["constant"] == "components.trainer.run_fn"
-    # Vertex: the two-step resolver feeds the gate's baseline.
-    gate = _tasks(vertex)["IntegrationValidator"]["inputs"]["artifacts"]
-    assert gate["baseline_model"]["taskOutputArtifact"]["producerTask"] == "latest_blessed_model_resolver-model-resolver"
-    assert _tasks(vertex)["latest_blessed_model_resolver-model-resolver"]["inputs"]["artifacts"]["input"][
+    # The Pusher reads TFMA's blessing and the integration checks' one.
+    for job in (kfp, vertex):
+        pusher = _tasks(job)["Pusher"]["inputs"]["artifacts"]
+        assert pusher["model_blessing"]["taskOutputArtifact"] == {"producerTask": "Evaluator",
+                                                                  "outputArtifactKey": "blessing"}
+        assert pusher["infra_blessing"]["taskOutputArtifact"] == {"producerTask": "IntegrationValidator",
+                                                                  "outputArtifactKey": "blessing"}
+    # Vertex: the two-step resolver feeds the Evaluator's baseline.
+    evaluator = _tasks(vertex)["Evaluator"]["inputs"]["artifacts"]
+    assert evaluator["baseline_model"]["taskOutputArtifact"]["producerTask"] == VERTEX_BASELINE_TASK
+    assert _tasks(vertex)[VERTEX_BASELINE_TASK]["inputs"]["artifacts"]["input"][
         "taskOutputArtifact"]["producerTask"] == "latest_blessed_model_resolver-model-blessing-resolver"
 
 
-def test_kfp_platform_drops_the_resolver_cleanly(compiled):
+def test_kfp_platform_is_built_without_the_resolver(compiled, tmp_path, capsys):
+    """Open-source KFP: the pipeline is built with baseline="latest_pushed" (no
+    Resolver node at all), so the compiled JSON is TFX's, unedited."""
+    from tfx import v1 as tfx
+
+    from kubeflow.compile import compile_pipeline
+    from pipeline.pipeline import create_pipeline
+
     job = compiled["kfp"][1]
     spec = job["pipelineSpec"]
     assert not any("resolver" in e for e in spec["deploymentSpec"]["executors"].values())
     assert not RESOLVER_TASKS & set(spec["components"])
-    gate_component = spec["components"]["IntegrationValidator"]
-    assert gate_component["inputDefinitions"]["artifacts"]["baseline_model"]["isOptional"] is True
-    assert "baseline_model" not in _tasks(job)["IntegrationValidator"]["inputs"]["artifacts"]
+    evaluator = _tasks(job)["Evaluator"]["inputs"]["artifacts"]
+    assert evaluator["baseline_model"]["taskOutputArtifact"] == {"producerTask": KFP_BASELINE_TASK,
+                                                                 "outputArtifactKey": "baseline"}
+    assert "isOptional" not in spec["components"]["Evaluator"]["inputDefinitions"]["artifacts"]["model"]
+    # The DAG definition itself has no Resolver when asked for the latest pushed baseline.
+    nodes = create_pipeline(_settings(tmp_path), baseline="latest_pushed").components
+    assert not any(isinstance(n, tfx.dsl.Resolver) for n in nodes)
+    assert {n.id for n in nodes} == set(EXPECTED_DEPENDENCIES) | {KFP_BASELINE_TASK}
+    # Compiling says so.
+    capsys.readouterr()
+    compile_pipeline(_settings(tmp_path), str(tmp_path / "kfp.json"), image=IMAGE,
+                     pipeline_root=str(tmp_path / "root"), platform="kfp")
+    err = capsys.readouterr().err
+    assert "warning: open-source Kubeflow Pipelines cannot run TFX Resolver tasks" in err
+    compile_pipeline(_settings(tmp_path), str(tmp_path / "vertex.json"), image=IMAGE,
+                     pipeline_root=str(tmp_path / "root"), platform="vertex")
+    assert "Resolver" not in capsys.readouterr().err
     vertex_resolvers = [e["resolver"] for e in compiled["vertex"][1]["pipelineSpec"]["deploymentSpec"]["executors"].values()
                         if "resolver" in e]
     filters = sorted(q["filter"] for r in vertex_resolvers for q in r["outputArtifactQueries"].values())
@@ -151,7 +201,10 @@ def test_every_executor_imports_from_the_installed_package(compiled):
                                    "components.curated_schema.CuratedSchemaGen_Executor",
                                    "components.data_validation.DataValidationGateExecutor",
                                    "components.integration_validator.IntegrationValidator_Executor",
+                                   "tfx.components.evaluator.executor.Executor",
                                    "tfx.components.trainer.executor.GenericExecutor"}
+    assert "components.latest_pushed_model.LatestPushedModel_Executor" in check_executors_importable(
+        compiled["kfp"][1]).values()
     assert not any(p.startswith("__main__") for p in paths.values())
     for name in _tasks(job):
         container = _executor(job, name).get("container")
@@ -208,7 +261,16 @@ def test_compile_cli(compiled, capsys):
     assert custom["training"]["checkpoint_dir"].startswith("gs://bucket/root/checkpoints/")
     push = json.loads(_tasks(job)["Pusher"]["inputs"]["parameters"]["push_destination"]["runtimeValue"]["constant"])
     assert push["filesystem"]["base_directory"] == "gs://bucket/root/serving"
+    # The OSS-KFP baseline reads the same serving directory.
+    baseline = _tasks(job)[KFP_BASELINE_TASK]["inputs"]["parameters"]["serving_dir"]
+    assert baseline["runtimeValue"]["constant"] == "gs://bucket/root/serving"
     assert job["pipelineSpec"]["defaultPipelineRoot"] == "gs://bucket/root"
+    # The user's TFRecords in a bucket compile (checked where they are read, not here).
+    remote = compiled["tmp"] / "remote.json"
+    assert main(["compile", "--output", str(remote), "--image", IMAGE, "--pipeline-root", "gs://bucket/root",
+                 "--preset", "tiny", "--seq-len", "16", "--examples-dir", "gs://bucket/tokens"]) == 0
+    gen = _tasks(json.loads(remote.read_text()))["ImportExampleGen"]["inputs"]["parameters"]
+    assert gen["input_base"]["runtimeValue"]["constant"] == "gs://bucket/tokens"
     # Bad options: one line, exit 2, no file.
     bad = compiled["tmp"] / "bad.json"
     assert main(["compile", "--output", str(bad), "--image", IMAGE, "--pipeline-root", "minio://mlpipeline/x"]) == 2
@@ -332,10 +394,8 @@ def test_deploy_submits_the_pipeline_spec_yaml(compiled, capsys, tmp_path, monke
 # --------------------------------------------------------------------------- local run
 @pytest.fixture(scope="module")
 def local_run(compiled):
-    from kubeflow.local_execution import run_compiled_locally
-
     path, _ = compiled["vertex"]
-    return run_compiled_locally(path, compiled["root"], os.path.join(compiled["tmp"], "mlmd.sqlite"),
+    return _kfp_local().run_compiled_locally(path, compiled["root"], os.path.join(compiled["tmp"], "mlmd.sqlite"),
                                 run_id="run-1", task_timeout=600)
 
 
@@ -366,9 +426,16 @@ def test_local_run_produces_the_pipeline_artifacts(local_run, compiled):
     summary = json.load(open(os.path.join(model, "training_summary.json")))
     assert summary["final_step"] == 20
     assert os.path.exists(os.path.join(uri("IntegrationValidator", "report"), "report.md"))
-    blessing = r.artifact("IntegrationValidator", "blessing")
-    assert os.path.exists(os.path.join(uri("IntegrationValidator", "blessing"), "BLESSED")), blessing.metadata
-    assert blessing.metadata["blessed"] == 1 and json.loads(blessing.metadata["failures"]) == []
+    infra = r.artifact("IntegrationValidator", "blessing")
+    assert os.path.exists(os.path.join(uri("IntegrationValidator", "blessing"), "BLESSED")), infra.metadata
+    assert infra.metadata["blessed"] == 1 and json.loads(infra.metadata["failures"]) == []
+    blessing = r.artifact("Evaluator", "blessing")
+    assert os.path.exists(os.path.join(uri("Evaluator", "blessing"), "BLESSED")), blessing.metadata
+    assert blessing.metadata["blessed"] == 1
+    import tensorflow_model_analysis as tfma
+
+    metrics = tfma.load_eval_result(uri("Evaluator", "evaluation")).slicing_metrics[0][1][""][""]
+    assert 0 < metrics["token_loss"]["doubleValue"] < 4.16  # log(64): better than uniform
     pushed = r.artifact("Pusher", "pushed_model")
     assert pushed.metadata["pushed"] == 1
     destination = pushed.metadata["pushed_destination"]
@@ -388,34 +455,51 @@ def test_local_run_is_recorded_in_ml_metadata_like_kfp(local_run):
     run_context = store.get_context_by_type_and_name("system.PipelineRun", "run-1")
     assert store.get_context_by_type_and_name("system.Pipeline", "deepseek-tfx") is not None
     executions = store.get_executions_by_context(run_context.id)
-    assert len(executions) == 10
+    assert len(executions) == 11
     assert all(e.last_known_state == mlmd.Execution.COMPLETE for e in executions)
     artifacts = store.get_artifacts_by_context(run_context.id)
     types = {store.get_artifact_types_by_id([a.type_id])[0].name for a in artifacts}
     assert types == {"tfx.Examples", "tfx.ExampleStatistics", "tfx.Schema", "tfx.ExampleAnomalies", "tfx.String",
-                     "tfx.Model", "tfx.ModelRun", "tfx.ModelBlessing", "components.ValidationReport",
-                     "tfx.PushedModel"}
+                     "tfx.Model", "tfx.ModelRun", "tfx.ModelEvaluation", "tfx.ModelBlessing",
+                     "tfx.InfraBlessing", "components.ValidationReport", "tfx.PushedModel"}
     assert all(a.state == mlmd.Artifact.LIVE for a in artifacts)
     trainer = next(e for e in executions if e.custom_properties["task_name"].string_value == "Trainer")
     assert json.loads(trainer.custom_properties["resources"].string_value)["accelerator"]["count"] == "1"
 
 
 def test_resolver_queries_find_what_the_run_produced(local_run):
-    from kubeflow.local_execution import _Metadata
-
-    md = _Metadata(local_run.metadata_path, "deepseek-tfx", "probe")
+    md = _kfp_local()._Metadata(local_run.metadata_path, "deepseek-tfx", "probe")
     found = md.query('schema_title="tfx.ModelBlessing" AND state=LIVE AND metadata.blessed.number_value=1')
-    assert [a.name for a in found] == ["run-1/IntegrationValidator/blessing"]
+    # Only TFMA's blessing is a ModelBlessing; the checks' InfraBlessing is not a candidate.
+    assert [a.name for a in found] == ["run-1/Evaluator/blessing"]
     model = local_run.artifact("Trainer", "model")
     by_name = md.query(f'schema_title="tfx.Model" AND state=LIVE AND name="{model.name}"')
     assert [a.uri for a in by_name] == [model.uri]
     assert md.query('schema_title="tfx.ModelBlessing" AND state=LIVE AND metadata.blessed.number_value=0') == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "IntegrationValidator's executor is not an Evaluator executor, so TFX's KubeflowV2 entrypoint does not "
-    "turn its current_model_id (a hash of the runtime artifact name) back into the artifact name the "
-    "model resolver's name= filter matches; on Vertex the second run would find no baseline model"))
 def test_blessing_names_the_model_for_the_kfp_model_resolver(local_run):
-    blessing = local_run.artifact("IntegrationValidator", "blessing")
+    """TFX's KubeflowV2 entrypoint rewrites an Evaluator's current_model_id
+    (an MLMD int id in the executor) to the runtime artifact name, which is
+    what Vertex's model resolver filters on (name="{{...current_model_id}}")."""
+    blessing = local_run.artifact("Evaluator", "blessing")
     assert blessing.metadata["current_model_id"] == local_run.artifact("Trainer", "model").name
+
+
+def test_second_vertex_run_compares_with_the_first_runs_model(local_run, compiled):
+    """What the current_model_id fix is for: run 2's resolver finds run 1's
+    blessed model, and the Evaluator compares the new model against it."""
+    path, _ = compiled["vertex"]
+    second = _kfp_local().run_compiled_locally(path, compiled["root"], local_run.metadata_path, run_id="run-2",
+                                  task_timeout=600)
+    assert second.succeeded
+    (baseline,) = second.tasks[VERTEX_BASELINE_TASK].outputs["model"]
+    assert baseline.name == local_run.artifact("Trainer", "model").name
+    blessing = second.artifact("Evaluator", "blessing")
+    assert blessing.metadata["baseline_model_id"] == baseline.name
+    assert blessing.metadata["current_model_id"] == second.artifact("Trainer", "model").name
+    import tensorflow_model_analysis as tfma
+
+    metrics = tfma.load_eval_result(second.artifact("Evaluator", "evaluation").uri,
+                                    model_name="candidate").slicing_metrics[0][1][""][""]
+    assert "token_loss_diff" in metrics

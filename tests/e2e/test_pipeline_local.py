@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-LOOSE_GATE = {"max_loss_gap_nats": 5.0, "max_expert_load_ratio": 100.0, "max_expert_load_cv": 5.0}
+LOOSE_GATE = {"max_loss_gap_nats": 5.0, "max_expert_load_ratio": 100.0, "max_expert_load_cv": 5.0,
+              "min_gain_over_uniform_nats": 0.05}
 
 
 def _settings(run_dir, **changes):
@@ -22,6 +23,10 @@ def _settings(run_dir, **changes):
                   checkpoint_every=10, log_every=10, thresholds=LOOSE_GATE)
     values.update(changes)
     return PipelineSettings(**values)
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.getcwd()}
 
 
 def _run(settings):
@@ -40,6 +45,11 @@ def _states(info):
     return {e["component"]: e["state"] for e in info["executions"]}
 
 
+def _blessing(info, kind, newest=True):
+    found = [b for b in info["blessings"] if b["type"] == kind]
+    return found[-1] if newest else found
+
+
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
     settings = _settings(tmp_path_factory.mktemp("good"))
@@ -51,11 +61,12 @@ def test_pipeline_trains_blesses_and_pushes(good_run):
     info = _info(good_run)
     states = _states(info)
     for component in ("SyntheticTokenExampleGen", "StatisticsGen", "CuratedSchemaGen",
-                      "ExampleValidator", "DataValidationGate", "Trainer",
+                      "ExampleValidator", "DataValidationGate", "Trainer", "Evaluator",
                       "IntegrationValidator", "Pusher"):
         assert states.get(component) == "COMPLETE", (component, states)
-    (blessing,) = info["blessings"]
-    assert blessing["properties"]["blessed"] == 1 and blessing["failures"] == []
+    assert sorted(b["type"] for b in info["blessings"]) == ["InfraBlessing", "ModelBlessing"]
+    for blessing in info["blessings"]:
+        assert blessing["properties"]["blessed"] == 1 and blessing["failures"] == [], blessing
     types = [step["type"] for step in info["lineage"]]
     assert types[0] == "PushedModel" and "Model" in types and "Examples" in types
     serving = good_run.path("serving")
@@ -74,40 +85,120 @@ def test_pushed_model_generates(good_run):
     assert np.all((np.asarray(out) >= 0) & (np.asarray(out) < 64))
 
 
+def test_evaluator_writes_a_tfma_evaluation(good_run):
+    import tensorflow_model_analysis as tfma
+
+    from components.evaluation import data_optimal_loss
+
+    info = _info(good_run)
+    (evaluation,) = [a for a in info["artifacts"] if a["type"] == "ModelEvaluation"]
+    result = tfma.load_eval_result(evaluation["uri"])
+    ((slice_key, metrics),) = result.slicing_metrics  # one overall slice
+    assert slice_key == ()
+    values = {k: v["doubleValue"] for k, v in metrics[""][""].items()}
+    assert values["example_count"] == good_run.eval_examples
+    loss = values["token_loss"]
+    # A trained model: better than uniform guessing, not better than the data's optimum.
+    assert data_optimal_loss(good_run) - 1e-3 < loss < np.log(64)
+    assert values["perplexity"] == pytest.approx(np.exp(loss), rel=1e-9)
+    assert 0 < values["next_token_accuracy"] < 1
+    assert tfma.load_validation_result(evaluation["uri"]).validation_ok
+    # First run: nothing blessed before, so no baseline and no change.
+    (summary,) = info["evaluations"]
+    assert summary["metrics"]["token_loss"] == pytest.approx(loss) and summary["change"] == {}
+
+
+def test_token_loss_signature_matches_the_keras_model(good_run):
+    """TFMA's token_loss is the corpus per-token loss of the Keras model."""
+    import keras
+    import tensorflow as tf
+
+    import model.deepseek_v3  # noqa: F401
+    from data.tfrecord import make_dataset, serialize_sequences
+    from model.deepseek_v3 import sparse_ce
+
+    info = _info(good_run)
+    model_uri = next(a["uri"] for a in info["artifacts"] if a["type"] == "Model")
+    examples_uri = next(a["uri"] for a in info["artifacts"] if a["type"] == "Examples")
+    tokens = np.concatenate([b["input_ids"].numpy() for b in make_dataset(
+        os.path.join(examples_uri, "Split-eval", "*"), good_run.seq_len, 64, shuffle=False)])
+    keras_model = keras.saving.load_model(os.path.join(model_uri, "keras", "model.keras"))
+    reference = float(np.mean(sparse_ce(keras_model(tokens[:, :], training=False)[:, :-1], tokens[:, 1:])))
+    signature = tf.saved_model.load(os.path.join(model_uri, "Format-Serving")).signatures["token_metrics"]
+    out = signature(examples=tf.constant(serialize_sequences(tokens)))
+    assert np.all(out["token_count"].numpy() == good_run.seq_len - 1)
+    weighted = float(np.sum(out["example_loss"] * out["token_count"]) / np.sum(out["token_count"]))
+    assert weighted == pytest.approx(reference, rel=1e-4)
+    (evaluation,) = [e for e in info["evaluations"] if not e["change"]]
+    assert evaluation["metrics"]["token_loss"] == pytest.approx(reference, rel=1e-4)
+
+
 def test_gate_report_is_written(good_run):
     info = _info(good_run)
     report = next(a for a in info["artifacts"] if a["type"].endswith("ValidationReport"))
     with open(os.path.join(report["uri"], "report.json")) as f:
         content = json.load(f)
     assert content["blessed"] is True
-    assert set(content["checks"]) >= {"forward_pass", "gradient_flow", "expert_utilization", "memory",
-                                      "decode_parity", "savedmodel_parity", "quality"}
+    assert set(content["checks"]) == {"forward_pass", "gradient_flow", "expert_utilization", "memory",
+                                      "decode_parity", "savedmodel_parity"}
     assert os.path.exists(os.path.join(report["uri"], "report.md"))
 
 
-def test_second_run_reuses_cached_results(good_run):
+def test_second_run_reuses_cached_results_and_compares_with_the_baseline(good_run):
     _run(good_run)
     info = _info(good_run)
     assert len(info["runs"]) == 2
     cached = [e["component"] for e in info["executions"] if e["state"] == "CACHED"]
     assert "Trainer" in cached and "SyntheticTokenExampleGen" in cached
+    # The Evaluator now has a baseline (the model blessed by the first run: the
+    # same, cached model), so it runs again and reports a change of zero.
+    first, second = info["evaluations"]
+    assert first["change"] == {} and second["change"]["token_loss"] == pytest.approx(0, abs=1e-6)
+    assert second["baseline"]["token_loss"] == pytest.approx(first["metrics"]["token_loss"])
+    assert second["validated"] is True
+
+
+def test_worse_candidate_than_the_blessed_baseline_is_not_pushed(good_run):
+    """Same data, far fewer steps: the Evaluator's change threshold refuses it
+    (the value threshold alone, a hair below uniform here, would let it pass)."""
+    worse = good_run.replace(train_steps=10, thresholds={**LOOSE_GATE, "min_gain_over_uniform_nats": 1e-3})
+    pushed_before = sorted(os.listdir(worse.path("serving")))
+    _run(worse)
+    info = _info(worse)
+    latest = info["evaluations"][-1]
+    assert latest["change"]["token_loss"] > worse.thresholds.get("max_regression_nats", 0.02)
+    assert latest["validated"] is False
+    assert len(latest["failures"]) == 1, latest
+    assert latest["failures"][0].startswith("tfma token_loss: change vs baseline +"), latest
+    model_blessing = _blessing(info, "ModelBlessing")
+    assert model_blessing["properties"]["blessed"] == 0
+    assert model_blessing["failures"] == latest["failures"]
+    assert _blessing(info, "InfraBlessing")["properties"]["blessed"] == 1  # the checks pass: TFMA refused
+    assert sorted(os.listdir(worse.path("serving"))) == pushed_before
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--run-dir", worse.run_dir],
+                         capture_output=True, text=True, check=True, env=_env())
+    assert "thresholds FAILED" in out.stdout and "change vs baseline" in out.stdout, out.stdout
+    # The lineage is still that of the pushed (first) model, not of the refused one.
+    pushed = [a for a in info["artifacts"] if a["type"] == "PushedModel" and a["properties"].get("pushed") == 1]
+    assert info["lineage"][0]["artifact_id"] == pushed[-1]["id"]
+    assert model_blessing["properties"]["current_model_id"] not in {s["artifact_id"] for s in info["lineage"]}
 
 
 def test_inspect_cli_shows_the_record(good_run):
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--run-dir", good_run.run_dir,
-                          "--json"], capture_output=True, text=True, check=True)
+                          "--json"], capture_output=True, text=True, check=True, env=_env())
     info = json.loads(out.stdout)
     assert any(a["type"] == "PushedModel" for a in info["artifacts"])
     assert info["lineage"][0]["type"] == "PushedModel"
 
 
-def test_model_failing_the_gate_is_not_pushed(tmp_path):
+def test_model_failing_the_value_threshold_is_not_pushed(tmp_path):
     settings = _settings(tmp_path, thresholds={**LOOSE_GATE, "max_loss_gap_nats": 1e-6})
     _run(settings)
     info = _info(settings)
-    (blessing,) = info["blessings"]
+    blessing = _blessing(info, "ModelBlessing")
     assert blessing["properties"]["blessed"] == 0
-    assert any("quality" in f for f in blessing["failures"])
+    assert any(f.startswith("tfma token_loss:") and "> upper bound" in f for f in blessing["failures"]), blessing
     pushed = [a for a in info["artifacts"] if a["type"] == "PushedModel"]
     assert all(a["properties"].get("pushed") != 1 for a in pushed)
     serving = settings.path("serving")
@@ -120,7 +211,7 @@ def test_diverging_training_fails_the_trainer_and_pushes_nothing(tmp_path):
         _run(settings)
     states = _states(_info(settings))
     assert states.get("Trainer") == "FAILED"
-    assert "Pusher" not in states and "IntegrationValidator" not in states
+    assert "Pusher" not in states and "IntegrationValidator" not in states and "Evaluator" not in states
 
 
 def _write_user_examples(root, train_rows, eval_rows, feature="input_ids"):
@@ -187,7 +278,7 @@ def test_cli_run_with_expert_parallel_4_on_8_virtual_devices_is_blessed_and_push
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
                           "--preset", "tiny", "--seq-len", "16", "--train-examples", "512",
-                          "--eval-examples", "64", "--steps", "20", "--batch-size", "16",
+                          "--eval-examples", "64", "--steps", "30", "--batch-size", "16",
                           "--expert-parallel", "4", "--thresholds", json.dumps(LOOSE_GATE)],
                          capture_output=True, text=True, env=env, timeout=1200)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
@@ -197,7 +288,8 @@ def test_cli_run_with_expert_parallel_4_on_8_virtual_devices_is_blessed_and_push
     assert summary["backend"] == "jax" and summary["num_devices"] == 8
     assert summary["mesh"] == {"batch": 2, "expert": 4} and summary["expert_parallel"] == 4
     info = _info(_settings(run_dir))
-    (blessing,) = info["blessings"]
-    assert blessing["properties"]["blessed"] == 1
+    assert sorted(b["type"] for b in info["blessings"]) == ["InfraBlessing", "ModelBlessing"]
+    for blessing in info["blessings"]:
+        assert blessing["properties"]["blessed"] == 1, blessing
     assert _states(info).get("Pusher") == "COMPLETE"
     assert len(os.listdir(run_dir / "serving")) == 1

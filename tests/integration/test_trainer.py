@@ -194,7 +194,7 @@ def test_savedmodel_serving_default_matches_keras(trained):
     fn_args, _, _ = trained
     model = _load_keras(fn_args)
     loaded = tf.saved_model.load(fn_args.serving_model_dir)
-    assert sorted(loaded.signatures) == ["generate", "serving_default"]
+    assert sorted(loaded.signatures) == ["generate", "serving_default", "token_metrics"]
     serve = loaded.signatures["serving_default"]
     _, inputs = serve.structured_input_signature
     assert inputs["examples"].dtype == tf.string

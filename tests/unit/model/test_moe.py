@@ -1,20 +1,23 @@
-"""DeepSeekMoE: routing rules, dispatch correctness, capacity, balancing."""
-
-import math
+"""DeepSeekMoE: routing rules, grouped dropless compute, capacity, padding,
+balancing, the sequence-wise loss."""
 
 import numpy as np
 import pytest
+import keras
 from keras import ops
 
 from model import get_preset
-from model.moe import DeepSeekMoE
+from model.moe import DeepSeekMoE, router_bias_update
 
 pytestmark = [pytest.mark.unit, pytest.mark.model]
 
 
-def _moe(config, hidden=None):
+def _moe(config, hidden=None, rng=None):
     layer = DeepSeekMoE(config)
     layer.build((None, None, hidden or config.hidden_size))
+    if rng is not None:  # well-separated routing: no near-ties between experts
+        layer.gate.weight.assign(
+            rng.normal(scale=0.3, size=layer.gate.weight.shape).astype("float32"))
     return layer
 
 
@@ -73,39 +76,159 @@ def test_dispatch_equals_per_token_computation(rng):
     np.testing.assert_allclose(out, _dense_reference(moe, x[0]), rtol=1e-4, atol=1e-6)
 
 
-def test_training_capacity_scales_with_top_k_not_experts():
-    tokens = 1024
-    for experts in (8, 64):
-        for top_k in (1, 4):
-            c = get_preset("tiny", n_routed_experts=experts, num_experts_per_tok=top_k, n_group=1,
-                           topk_group=1, expert_capacity_factor=1.25)
-            capacity = _moe(c)._capacity(tokens, training=True)
-            # Expert buffers hold E * C slots: about factor * tokens * top_k, whatever E is.
-            assert experts * capacity <= math.ceil(1.25 * tokens * top_k) + experts
-    c = get_preset("tiny")
-    assert _moe(c)._capacity(tokens, training=False) == tokens  # inference is dropless
+
+CASES = [  # (experts, top_k, n_group, topk_group)
+    (8, 3, 2, 2), (4, 4, 1, 1), (8, 1, 4, 2), (16, 2, 4, 2), (64, 2, 8, 4)]
 
 
-def test_overflow_is_counted_in_training_and_absent_in_inference(rng):
+def _dense_keras(moe, x):
+    """Every expert on every token, masked by the routing (keras.ops)."""
+    c = moe.config
+    idx, w, _ = moe.gate(x)
+    combine = ops.sum(ops.one_hot(idx, c.n_routed_experts) * w[..., None], axis=1)  # [T, E]
+    gate = ops.einsum("th,ehi->eti", x, moe.experts_gate_proj)
+    up = ops.einsum("th,ehi->eti", x, moe.experts_up_proj)
+    out = ops.einsum("eti,eih->eth", ops.silu(gate) * up, moe.experts_down_proj)
+    return ops.einsum("te,eth->th", combine, out) + moe.shared_experts(x)
+
+
+def _value_and_grads(fn, variables, x):
+    """d sum(fn(x) * probe) / d (x, variables), on either backend."""
+    probe = np.random.default_rng(7).normal(size=x.shape).astype("float32")
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def f(values, x):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return ops.sum(fn(x) * probe)
+
+        gx, gv = jax.grad(f, argnums=(1, 0))(
+            [v.value for v in variables], ops.convert_to_tensor(x))
+        return [np.asarray(gx)] + [np.asarray(g) for g in gv]
+    import tensorflow as tf
+
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = ops.sum(fn(xt) * probe)
+    grads = tape.gradient(loss, [xt] + [v.value for v in variables])
+    return [np.asarray(tf.convert_to_tensor(g)) for g in grads]  # gathers give IndexedSlices
+
+
+@pytest.mark.parametrize("experts,top_k,n_group,topk_group", CASES)
+def test_grouped_compute_equals_dense_reference_outputs_and_gradients(
+        rng, experts, top_k, n_group, topk_group):
+    c = get_preset("tiny", n_routed_experts=experts, num_experts_per_tok=top_k, n_group=n_group,
+                   topk_group=topk_group, routed_scaling_factor=2.5)
+    moe = _moe(c, rng=rng)
+    x = rng.normal(size=(40, c.hidden_size)).astype("float32")
+    for training in (False, True):
+        out = np.asarray(moe(x[None], training=training))[0]
+        np.testing.assert_allclose(out, np.asarray(_dense_keras(moe, x)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out, _dense_reference(moe, x), rtol=1e-4, atol=1e-6)
+    assert float(moe.dropped_tokens) == 0.0
+    variables = [moe.experts_gate_proj, moe.experts_up_proj, moe.experts_down_proj, moe.gate.weight]
+    ours = _value_and_grads(lambda t: moe(t[None], training=True)[0], variables, x)
+    ref = _value_and_grads(lambda t: _dense_keras(moe, t), variables, x)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_top1_weight_is_normalised_when_norm_topk_prob(rng):
+    c = get_preset("tiny", num_experts_per_tok=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+    _, w, _ = _moe(c, rng=rng).gate(rng.normal(size=(10, c.hidden_size)).astype("float32"))
+    np.testing.assert_allclose(np.asarray(w), 2.5, rtol=1e-6)
+
+
+def test_train_output_ignores_row_order_and_drops_nothing_by_default(rng):
+    c = get_preset("tiny", n_routed_experts=8, n_group=2, topk_group=2, num_experts_per_tok=2)
+    assert c.expert_capacity_factor is None
+    moe = _moe(c, rng=rng)
+    row = rng.normal(size=(1, 16, c.hidden_size)).astype("float32")
+    x = np.concatenate([row, rng.normal(size=(3, 16, c.hidden_size)).astype("float32"), row, row])
+    out = np.asarray(moe(x, training=True))
+    perm = np.array([5, 2, 0, 3, 1, 4])
+    permuted = np.asarray(moe(x[perm], training=True))
+    np.testing.assert_allclose(permuted, out[perm], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out[4], out[0], rtol=1e-6)  # identical rows agree
+    np.testing.assert_allclose(out[5], out[0], rtol=1e-6)
+    assert moe.get_expert_utilization()["dropped_fraction"] == 0.0
+
+
+def _padded(x, pads, rng):
+    """Left-pads each row with `pads` garbage tokens; returns (x, padding_mask)."""
+    b, s, h = x.shape
+    garbage = rng.normal(scale=5.0, size=(b, pads, h)).astype("float32")
+    mask = np.concatenate([np.zeros((b, pads)), np.ones((b, s))], axis=1).astype("int32")
+    return np.concatenate([garbage, x], axis=1), mask
+
+
+def test_pads_change_neither_loads_nor_balance_loss(rng):
+    c = get_preset("tiny", n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+                   seq_aux_loss_alpha=0.1)
+    moe = _moe(c, rng=rng)
+    x = rng.normal(size=(3, 10, c.hidden_size)).astype("float32")
+    out = np.asarray(moe(x, training=True))
+    loss, load = float(moe.losses[0]), np.asarray(moe.expert_load)
+    assert float(moe.tokens_seen) == 30
+    moe.reset_expert_counts()
+    xp, mask = _padded(x, 6, rng)
+    out_p = np.asarray(moe(xp, training=True, padding_mask=mask))
+    np.testing.assert_allclose(out_p[:, 6:], out, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(moe.expert_load), load)
+    assert float(moe.tokens_seen) == 30
+    assert float(moe.losses[0]) == pytest.approx(loss, rel=1e-5)
+
+
+def test_capacity_drops_the_lowest_scores_and_pads_take_none(rng):
     c = get_preset("tiny", n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=1,
-                   expert_capacity_factor=1.0, bias_update_speed=0.0)
+                   expert_capacity_factor=1.0, norm_topk_prob=False)
     moe = _moe(c)
     weight = np.zeros((c.hidden_size, 4), "float32")
-    weight[:, 0] = 5.0  # every token prefers expert 0
+    weight[0, 0] = 1.0  # every token with feature 0 > 0 prefers expert 0, by that feature
     moe.gate.weight.assign(weight)
-    x = np.abs(rng.normal(size=(2, 16, c.hidden_size))).astype("float32")
+    x = np.zeros((2, 16, c.hidden_size), "float32")
+    x[..., 0] = rng.uniform(0.5, 3.0, size=(2, 16))
+    x[..., 1:] = rng.normal(scale=0.1, size=(2, 16, c.hidden_size - 1))
+    _, mask = _padded(x, 0, rng)
     moe(x, training=True)
-    stats = moe.get_expert_utilization()
-    # 32 tokens, capacity ceil(32 * 1 / 4) = 8 on expert 0: 24 dropped.
-    assert stats["dropped_fraction"] == pytest.approx(24 / 32)
+    # 32 tokens on expert 0, capacity ceil(32 / 4) = 8: the 8 highest scores stay.
+    assert float(moe.dropped_tokens) == 24
+    out = np.asarray(moe(x, training=True))[..., :]
+    shared = np.asarray(moe.shared_experts(x.reshape(-1, c.hidden_size))).reshape(out.shape)
+    routed = np.abs(out - shared).max(-1).ravel() > 0
+    top8 = np.argsort(-x[..., 0].ravel())[:8]
+    assert set(np.flatnonzero(routed)) == set(top8)
+    moe.reset_expert_counts()
+    xp, mask = _padded(x, 8, rng)
+    xp[:, :8, 0] = 10.0  # pads would win every slot if they competed
+    out_p = np.asarray(moe(xp, training=True, padding_mask=mask))
+    assert float(moe.dropped_tokens) == 24
+    np.testing.assert_allclose(out_p[:, 8:], out, rtol=1e-5, atol=1e-7)
     moe.reset_expert_counts()
     moe(x, training=False)
-    assert moe.get_expert_utilization()["dropped_fraction"] == 0.0
+    assert moe.get_expert_utilization()["dropped_fraction"] == 0.0  # inference is dropless
+
+
+def test_forward_never_moves_the_bias_and_update_steps_by_gamma(rng):
+    c = get_preset("tiny", n_routed_experts=8, n_group=1, topk_group=1, bias_update_speed=0.01)
+    moe = _moe(c, rng=rng)
+    start = rng.normal(scale=0.1, size=8).astype("float32")
+    moe.gate.e_score_correction_bias.assign(start)
+    moe(rng.normal(size=(2, 16, c.hidden_size)).astype("float32"), training=True)
+    np.testing.assert_array_equal(np.asarray(moe.gate.e_score_correction_bias), start)
+    load = np.array([10, 0, 4, 4, 4, 8, 1, 1], "float32")  # mean 4
+    moe.apply_bias_update(load)
+    step = np.asarray(moe.gate.e_score_correction_bias) - start
+    np.testing.assert_allclose(step, 0.01 * np.sign(4 - load), atol=1e-7)
+    assert set(np.round(step / 0.01).astype(int)) == {-1, 0, 1}
+    np.testing.assert_allclose(np.asarray(router_bias_update(start, load, 0.5)),
+                               start + 0.5 * np.sign(4 - load), rtol=1e-6)
 
 
 def test_aux_loss_free_bias_balances_a_skewed_router(rng):
     c = get_preset("tiny", n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2,
-                   bias_update_speed=0.01, expert_capacity_factor=None)
+                   bias_update_speed=0.01)
     moe = _moe(c)
     skew = rng.normal(size=(c.hidden_size, 8)).astype("float32") * 0.3
     skew[:, :2] += 0.6  # experts 0 and 1 start out favoured
@@ -113,18 +236,55 @@ def test_aux_loss_free_bias_balances_a_skewed_router(rng):
     x = np.abs(rng.normal(size=(4, 32, c.hidden_size))).astype("float32")
     moe(x, training=False)
     before = moe.get_expert_utilization()
-    for _ in range(150):
+    for _ in range(150):  # one optimizer step each: forward, then the trainer's update
         moe.reset_expert_counts()
         moe(x, training=True)
+        moe.apply_bias_update(moe.expert_load)
     moe.reset_expert_counts()
     moe(x, training=False)
     after = moe.get_expert_utilization()
     assert before["cv"] > 0.5
     assert after["cv"] < before["cv"] / 3, (before["cv"], after["cv"])
     assert after["max_min_ratio"] < 2.0
-    # The favoured experts were pushed down, the others up.
     bias = np.array(after["bias"])
-    assert bias[:2].max() < bias[2:].min()
+    assert bias[:2].max() < bias[2:].min()  # the favoured experts were pushed down
+
+
+def _numpy_sequence_loss(scores, k, alpha, lengths):
+    """Paper eqs. 17-20 per sequence, straight from the definitions."""
+    losses = []
+    for s in scores:  # s: [T, E] affinities of one sequence's real tokens
+        t_len, e = s.shape
+        top = np.argsort(-s, axis=1)[:, :k]
+        f = np.array([(top == i).any(axis=1).sum() for i in range(e)]) * e / (k * t_len)
+        p = (s / s.sum(axis=1, keepdims=True)).mean(axis=0)
+        losses.append(alpha * (f * p).sum())
+    return float(np.mean(losses))
+
+
+def test_sequence_loss_matches_numpy_eqs_17_to_20(rng):
+    c = get_preset("tiny", n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2,
+                   seq_aux_loss_alpha=0.3)
+    moe = _moe(c, rng=rng)
+    # A bias that changes the routed (group-limited) choice must not change f_i.
+    moe.gate.e_score_correction_bias.assign(rng.normal(scale=0.5, size=8).astype("float32"))
+    x = rng.normal(size=(3, 12, c.hidden_size)).astype("float32")
+    xp, mask = _padded(x, 4, rng)
+    mask[1, 4:7] = 0  # a longer pad run in one sequence
+    moe(xp, training=True, padding_mask=mask)
+    _, _, scores = moe.gate(xp.reshape(-1, c.hidden_size))
+    scores = np.asarray(scores).reshape(3, 16, 8)
+    per_seq = [scores[b][mask[b] > 0] for b in range(3)]
+    expected = _numpy_sequence_loss(per_seq, 2, 0.3, None)
+    assert float(moe.losses[0]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_uniform_routing_gives_alpha(rng):
+    c = get_preset("tiny", n_routed_experts=8, n_group=1, topk_group=1, seq_aux_loss_alpha=0.25)
+    moe = _moe(c)
+    moe.gate.weight.assign(np.zeros(moe.gate.weight.shape, "float32"))
+    moe(rng.normal(size=(2, 8, c.hidden_size)).astype("float32"), training=True)
+    assert float(moe.losses[0]) == pytest.approx(0.25, rel=1e-6)
 
 
 def test_sequence_aux_loss_is_added_only_when_enabled(rng):

@@ -1,5 +1,6 @@
-"""Runs a compiled KFP v2 pipeline spec on this machine, doing what a KFP
-backend does, so the compiled artifact itself is tested without a cluster.
+"""Test support, not shipped: runs a compiled KFP v2 pipeline spec on this
+machine, doing what a KFP backend does, so the compiled artifact itself is
+tested without a cluster (tests/e2e/test_kubeflow_local.py).
 
 For every task of ``root.dag``, in topological order:
 
@@ -34,8 +35,6 @@ with the executor's metadata as custom properties, and INPUT/OUTPUT events.
 
 Not modelled: caching (every task executes), trigger conditions, iterators,
 sub-DAGs, and the resource requests (logged, not enforced).
-
-    python -m kubeflow.local_execution pipeline.json --pipeline-root /tmp/root
 """
 
 from __future__ import annotations
@@ -671,28 +670,3 @@ def run_compiled_locally(spec_json_path: str, pipeline_root_dir: str, metadata_p
             raise
         log(f"  {runner.tasks[name].state} in {runner.tasks[name].seconds:.1f}s")
     return result
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m kubeflow.local_execution", description=__doc__.split("\n")[0])
-    parser.add_argument("spec", help="compiled pipeline (deepseek-tfx compile --output FILE)")
-    parser.add_argument("--pipeline-root", required=True, help="local directory playing the pipeline root")
-    parser.add_argument("--metadata-path", help="ML Metadata SQLite file (default <root>/metadata.sqlite)")
-    parser.add_argument("--param", action="append", default=[], help="pipeline parameter k=v (JSON value)")
-    args = parser.parse_args(argv)
-    from kubeflow.deploy import parse_params
-
-    try:
-        result = run_compiled_locally(args.spec, args.pipeline_root, args.metadata_path,
-                                      parameters=parse_params(args.param))
-    except (LocalExecutionError, ValueError) as e:
-        print(f"local execution failed: {e}", file=sys.stderr)
-        return 1
-    print(f"run {result.run_id} succeeded; ML Metadata in {result.metadata_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
