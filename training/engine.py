@@ -263,14 +263,18 @@ class Engine:
                 grads = [gn if ow else ga + gn for ga, gn, ow in zip(grads, g, overwrite)]
                 return (ntv, grads, loss_sum + loss, ce_sum + ce), [ntv[i] for i in load_idx]
 
-            zeros = [jax.numpy.zeros_like(x) for x in tv]
-            carry = (ntv, zeros, jax.numpy.float32(0.0), jax.numpy.float32(0.0))
-            if accumulation == 1:
-                carry, micro = micro_step(carry, (ids[0], None if mask is None else mask[0]))
-                micro_loads = [micro]
+            if accumulation == 1:  # no accumulator buffers
+                (loss_sum, (ce_sum, ntv)), grads = grad_fn(
+                    tv, ntv, ids[0], None if mask is None else mask[0])
+                ntv = list(ntv)
+                for i, b in zip(bias_idx, bias0):
+                    ntv[i] = b
+                micro_loads = [[ntv[i] for i in load_idx]]
             else:  # a scan: the step compiles once whatever the accumulation
+                zeros = [jax.numpy.zeros_like(x) for x in tv]
+                carry = (ntv, zeros, jax.numpy.float32(0.0), jax.numpy.float32(0.0))
                 carry, micro_loads = jax.lax.scan(micro_step, carry, (ids, mask))
-            ntv, grads, loss_sum, ce_sum = carry
+                ntv, grads, loss_sum, ce_sum = carry
             ntv = list(ntv)
             if accumulation > 1:
                 grads = [g if ow else g / accumulation for g, ow in zip(grads, overwrite)]
