@@ -1,28 +1,27 @@
 """The Trainer's module file: `run_fn(fn_args)` for
 `tfx.components.Trainer(run_fn="components.trainer.run_fn", ...)` (TFX's
-GenericExecutor).
+GenericExecutor). An adapter between TFX and the training engine
+(`training/`, Keras on JAX), which runs in a child process because Keras'
+backend is fixed per process and this one keeps TensorFlow.
 
 What it does, in order:
 1. Validates `fn_args.custom_config` (see `components.trainer_config`) and
    fn_args.train_steps / eval_steps, before anything heavy happens.
-2. Picks the devices (every visible GPU, else the CPU), the strategy
-   (MirroredStrategy over the GPUs, TF's default strategy on CPU) and the
-   precision ("auto": mixed_bfloat16 on GPU, float32 on CPU; "float8":
-   Keras float8 training of the Dense layers via `model.quantize("float8")`).
-3. Builds `DeepSeekV3ForCausalLM`, compiles it with AdamW + linear warmup /
-   cosine decay and `NextTokenLoss`, resumes from the latest checkpoint in
-   `training.checkpoint_dir` if there is one ("resuming from step N"), and
-   trains exactly `fn_args.train_steps` steps on `fn_args.train_files`,
-   checkpointing every `checkpoint_every` steps and at the end (last two
-   kept), logging every `log_every` steps to the console and to TensorBoard
-   in `fn_args.model_run_dir`. A NaN/inf loss raises
-   `RuntimeError("training diverged: loss is nan at step N ...")`.
-4. Makes a float32 inference copy, evaluates it on `fn_args.eval_files`
-   (training.eval_batches, else fn_args.eval_steps, else the whole split),
-   and writes, under the model artifact uri (the parent of
-   `fn_args.serving_model_dir`): `keras/model.keras`,
-   `training_summary.json`, and the SavedModel (signatures `serving_default`
-   and `generate`, see `components.export`) in `serving_model_dir`.
+2. Reads the Examples the TFX way: `fn_args.data_accessor.tf_dataset_factory`
+   over `fn_args.train_files` with the curated schema (`fn_args.schema_path`,
+   else the schema the pipeline's CuratedSchemaGen writes), seeded shuffle,
+   and writes the `train_steps x gradient_accumulation` batches the engine
+   will consume to `<model_run_dir>/engine/train_tokens.npy` (the engine
+   memory-maps it; a resumed run reads the same batches at the same steps).
+3. Runs `python -m training.worker` with KERAS_BACKEND=jax; its progress,
+   checkpoint and balance lines are forwarded to `log_fn`. The engine trains
+   on every device JAX sees (data parallel, or `expert_parallel`), resumes
+   from `training.checkpoint_dir`, and writes the trained weights.
+4. Loads the weights into a float32 TF-backend model, evaluates it on
+   `fn_args.eval_files` (`model.evaluation`), writes TensorBoard scalars to
+   `fn_args.model_run_dir`, and exports under the model artifact uri:
+   `keras/model.keras`, `training_summary.json`, and the SavedModel
+   (`serving_default`, `generate`; `components.export`) in serving_model_dir.
 """
 
 from __future__ import annotations
@@ -31,12 +30,15 @@ import json
 import math
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
+
+import numpy as np
 
 from components.trainer_config import TrainerConfigError, TrainerSettings, parse_custom_config, validate_steps  # noqa: F401
 
 SUMMARY_FILE = "training_summary.json"
 KERAS_MODEL_PATH = os.path.join("keras", "model.keras")
+FEATURE = "input_ids"
 
 
 def model_artifact_uri(serving_model_dir: str) -> str:
@@ -54,11 +56,104 @@ def _json_safe(value):
     return value
 
 
-def run_fn(fn_args, extra_callbacks: Optional[Sequence] = None,
-           log_fn: Callable[[str], None] = print) -> dict:
-    """TFX entry point. `extra_callbacks` (Keras callbacks run after the
-    trainer's own each step) and `log_fn` exist for tests and scripts; TFX
-    calls run_fn(fn_args). Returns the training summary it also writes."""
+# ------------------------------------------------------------------ input
+def _schema(fn_args, settings: TrainerSettings):
+    """The curated schema: fn_args' schema file, else the one we know."""
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx.utils import io_utils
+
+    from components.data_validation import make_schema
+
+    path = getattr(fn_args, "schema_path", None) or getattr(fn_args, "schema_file", None)
+    if path:
+        if os.path.isdir(path):
+            path = os.path.join(path, "schema.pbtxt")
+        return io_utils.parse_pbtxt_file(path, schema_pb2.Schema())
+    return make_schema(settings.model_config.vocab_size, settings.seq_len)
+
+
+def read_batches(fn_args, settings: TrainerSettings, files, batches: Optional[int],
+                 shuffle: bool, what: str) -> np.ndarray:
+    """[batches, B, S] int32 token batches of `files` (all full batches of one
+    pass when batches is None and not shuffle)."""
+    import tensorflow as tf
+
+    from components import training_loop as tl
+
+    t = settings.training
+    patterns = tl.resolve_file_patterns(files, what)
+    accessor = getattr(fn_args, "data_accessor", None)
+    if accessor is not None:
+        from tfx_bsl.public import tfxio
+
+        options = tfxio.TensorFlowDatasetOptions(
+            batch_size=t.batch_size, shuffle=shuffle, shuffle_seed=t.seed if shuffle else None,
+            num_epochs=None if shuffle else 1, drop_final_batch=shuffle)
+        dataset = accessor.tf_dataset_factory(patterns, options, _schema(fn_args, settings))
+        dataset = dataset.map(lambda f: tf.cast(f[FEATURE], tf.int32))
+    elif shuffle:  # no DataAccessor (scripts, tests): the same files through tf.data
+        dataset = tl.train_dataset(patterns, settings.seq_len, t.batch_size, t.seed).map(
+            lambda ids, _: ids)
+    else:
+        dataset = tl.eval_dataset(patterns, settings.seq_len, t.batch_size, None).map(
+            lambda b: b[FEATURE])
+    if batches:
+        dataset = dataset.take(batches)
+    arrays = [np.asarray(b, np.int32) for b in dataset.as_numpy_iterator()]
+    if not arrays:
+        raise ValueError(f"fn_args.{what}: {list(patterns)!r} has no examples")
+    if shuffle and len(arrays) < (batches or 0):
+        raise ValueError(f"fn_args.{what}: got {len(arrays)} batches, need {batches}")
+    return np.concatenate(arrays) if not shuffle else np.stack(arrays)
+
+
+# --------------------------------------------------------------- weights
+def load_trained_model(config, weights_path: str):
+    """A float32 TF-backend model holding the engine's trained weights
+    (float8 scale bookkeeping has no counterpart and is dropped)."""
+    from components.training_loop import dtype_policy, relative_variable_path
+    from model.deepseek_v3 import DeepSeekV3ForCausalLM
+
+    with dtype_policy("float32"):
+        model = DeepSeekV3ForCausalLM(config)
+    with np.load(weights_path) as trained:
+        missing = []
+        for variable in model.weights:
+            key = relative_variable_path(variable)
+            if key not in trained.files:
+                missing.append(key)
+                continue
+            variable.assign(trained[key].astype(variable.dtype))
+    if missing:
+        raise ValueError(f"the engine's weights have no variables {missing}")
+    model.reset_expert_counts()
+    return model
+
+
+def _write_tensorboard(log_dir: str, history) -> None:
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for h in history:
+            step = h["step"]
+            for key in ("loss", "next_token_loss", "perplexity", "learning_rate",
+                        "tokens_per_second"):
+                if h.get(key) is not None:
+                    tf.summary.scalar(f"train/{key}", h[key], step=step)
+            for layer, s in (h.get("experts") or {}).items():
+                for key in ("load_max_min_ratio", "load_cv", "dropped_fraction", "bias_mean",
+                            "bias_spread"):
+                    if s.get(key) is not None:
+                        tf.summary.scalar(f"moe/{layer}/{key}", s[key], step=step)
+    writer.flush()
+    writer.close()
+
+
+# ----------------------------------------------------------------- run_fn
+def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
+    """TFX entry point (log_fn exists for tests and scripts). Returns the
+    training summary it also writes."""
     settings = parse_custom_config(fn_args.custom_config, fn_args.model_run_dir)
     train_steps, eval_steps = validate_steps(fn_args.train_steps, fn_args.eval_steps)
     if not fn_args.serving_model_dir:
@@ -66,124 +161,103 @@ def run_fn(fn_args, extra_callbacks: Optional[Sequence] = None,
     if not fn_args.model_run_dir:
         raise TrainerConfigError("fn_args.model_run_dir: empty")
 
-    # Heavy imports only after the configuration is known to be valid.
-    import keras
     import tensorflow as tf
 
     from components import export
-    from components import training_loop as tl
-    from model.deepseek_v3 import DeepSeekV3ForCausalLM
-    from model.losses import NextTokenLoss
+    from model.evaluation import eval_metrics
+    from training import launch
+    from training.engine import expert_summary
 
     t = settings.training
     config = settings.model_config
-    train_patterns = tl.resolve_file_patterns(fn_args.train_files, "train_files")
-    eval_patterns = (tl.resolve_file_patterns(fn_args.eval_files, "eval_files")
-                     if fn_args.eval_files else None)
-
-    devices = tl.select_devices(t.devices)
-    if t.batch_size % max(len(devices), 1):
-        raise TrainerConfigError(
-            f"custom_config['training']['batch_size']: {t.batch_size} is not divisible by the "
-            f"{len(devices)} devices {devices} (one replica each)")
-    strategy = tl.select_strategy(devices)
-    replicas = strategy.num_replicas_in_sync
-    policy, float8 = tl.resolve_precision(t.precision, devices)
-    fingerprint = {"model_config": config.to_dict(), "seq_len": settings.seq_len,
-                   "batch_size": t.batch_size, "seed": t.seed, "float8": float8,
-                   "train_steps": train_steps}
-    log_fn(f"trainer: {config.num_hidden_layers} layers, vocab {config.vocab_size}, "
-           f"seq_len {settings.seq_len}, batch {t.batch_size}, {train_steps} steps on "
-           f"{devices or ['CPU']} ({type(strategy).__name__}, {replicas} replica(s)), "
-           f"policy {policy}{' + float8' if float8 else ''}")
-
     started = time.perf_counter()
-    with tl.dtype_policy(policy):
-        keras.utils.set_random_seed(t.seed)
-        schedule = tl.WarmupCosineSchedule(t.learning_rate, t.warmup_steps, train_steps)
-        with strategy.scope():
-            model = DeepSeekV3ForCausalLM(config)
-            if float8:
-                model.quantize("float8")
-            optimizer = tl.make_optimizer(model, schedule, t.weight_decay, t.grad_clip_norm)
-            model.compile(optimizer=optimizer, loss=NextTokenLoss(),
-                          metrics=[tl.next_token_loss_metric()], jit_compile=False)
-            optimizer.build(model.trainable_variables)
-        checkpoint = tl.TrainingCheckpoint(t.checkpoint_dir, model, optimizer, fingerprint)
-        start_step = checkpoint.restore_latest()
-        if start_step > train_steps:
-            raise TrainerConfigError(
-                f"fn_args.train_steps: the checkpoint in {t.checkpoint_dir} is already at step "
-                f"{start_step} > train_steps {train_steps}; use a fresh training.checkpoint_dir")
-        if start_step:
-            log_fn(f"resuming from step {start_step} ({checkpoint.latest})")
+    workdir = os.path.join(fn_args.model_run_dir, "engine")
+    os.makedirs(workdir, exist_ok=True)
+    micro_batches = train_steps * t.gradient_accumulation
+    tokens = read_batches(fn_args, settings, fn_args.train_files, micro_batches, True,
+                          "train_files")
+    eval_tokens = None
+    if fn_args.eval_files:
+        eval_tokens = read_batches(fn_args, settings, fn_args.eval_files,
+                                   t.eval_batches or eval_steps, False, "eval_files")
+    tokens_path = os.path.join(workdir, "train_tokens.npy")
+    np.save(tokens_path, tokens)
+    log_fn(f"trainer: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
+           f"{settings.seq_len}, batch {t.batch_size} x {t.gradient_accumulation} accumulation, "
+           f"{train_steps} steps; {len(tokens)} batches in {tokens_path}; engine: Keras on JAX "
+           f"in a child process")
 
-        tokens_per_step = t.batch_size * settings.seq_len
-        monitor = tl.TrainingMonitor(
-            start_step=start_step, total_steps=train_steps, log_every=t.log_every,
-            checkpoint_every=t.checkpoint_every, tokens_per_step=tokens_per_step,
-            schedule=schedule, checkpoint=checkpoint, log_dir=fn_args.model_run_dir,
-            harvest_every_step=replicas > 1, log_fn=log_fn)
-        remaining = train_steps - start_step
-        train_started = time.perf_counter()
-        if remaining > 0:
-            dataset = tl.train_dataset(train_patterns, settings.seq_len, t.batch_size, t.seed,
-                                       skip_batches=start_step)
-            model.fit(dataset, epochs=1, steps_per_epoch=remaining, verbose=0,
-                      callbacks=[tl.RouterBiasUpdate(model), monitor, *(extra_callbacks or [])])
-        else:
-            log_fn(f"checkpoint is at step {start_step} = train_steps; nothing left to train")
-        train_seconds = time.perf_counter() - train_started
-        final_step = int(optimizer.iterations.numpy())
-        if final_step != train_steps:
-            raise RuntimeError(f"training ended at step {final_step}, expected {train_steps}")
+    spec = {
+        "model_config": config.to_dict(),
+        "engine": {"batch_size": t.batch_size, "seq_len": settings.seq_len,
+                   "train_steps": train_steps, "learning_rate": t.learning_rate,
+                   "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay,
+                   "grad_clip_norm": t.grad_clip_norm,
+                   "gradient_accumulation": t.gradient_accumulation,
+                   "expert_parallel": t.expert_parallel, "precision": t.precision,
+                   "seed": t.seed, "checkpoint_dir": t.checkpoint_dir,
+                   "checkpoint_every": t.checkpoint_every, "log_every": t.log_every},
+        "tokens": tokens_path,
+        "output_dir": os.path.join(workdir, "out"),
+    }
+    try:
+        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=log_fn)
+    except launch.TrainingDivergedError as e:
+        raise RuntimeError(str(e)) from None
+    if engine["final_step"] != train_steps:
+        raise RuntimeError(f"training ended at step {engine['final_step']}, expected {train_steps}")
+    _write_tensorboard(fn_args.model_run_dir, engine["loss_history"])
 
-    # Everything below runs in float32 on one device.
-    inference = export.inference_model(model, config)
+    inference = load_trained_model(config, os.path.join(spec["output_dir"], "weights.npz"))
     artifact = model_artifact_uri(fn_args.serving_model_dir)
-    evaluation = {}
-    eval_experts = {}
-    if eval_patterns:
-        eval_batches = t.eval_batches or eval_steps
-        evaluation = tl.evaluate_loss(inference, eval_patterns, settings.seq_len, t.batch_size,
-                                      eval_batches)
-        stats = tl.ExpertStats(inference)
-        stats.harvest()
-        eval_experts = stats.summary()
-        log_fn(f"eval loss {evaluation['eval_loss']:.4f} (ppl {evaluation['eval_perplexity']:.2f}) "
-               f"over {evaluation['eval_batches']} batches")
+    evaluation, eval_experts = {}, {}
+    if eval_tokens is not None:
+        evaluation = eval_metrics(inference, eval_tokens, t.batch_size)
+        for layer, stats in inference.get_expert_utilization().items():
+            load = np.asarray(stats["load"])
+            eval_experts[layer] = expert_summary(load, stats["dropped_fraction"] * load.sum(),
+                                                 np.asarray(stats["bias"]))
+        log_fn(f"eval loss {evaluation['eval_loss']:.4f} (ppl {evaluation['eval_perplexity']:.2f})"
+               f" over {evaluation['eval_batches']} batches")
     keras_path = export.save_keras_model(inference, os.path.join(artifact, KERAS_MODEL_PATH))
     export.export_saved_model(inference, settings.seq_len, fn_args.serving_model_dir)
 
-    last = monitor.history[-1] if monitor.history else {}
-    trained_steps = train_steps - start_step
+    history = engine["loss_history"]
+    last = history[-1] if history else {}
+    experts = engine["expert_utilization_last_interval"]
     summary = {
         "seq_len": settings.seq_len,
         "model_config": config.to_dict(),
         "training": t.to_dict(),
         "train_steps": train_steps,
-        "start_step": start_step,
-        "resumed": start_step > 0,
-        "final_step": final_step,
-        "precision": {"requested": t.precision, "policy": policy, "float8": float8},
-        "devices": devices or ["CPU"],
-        "strategy": type(strategy).__name__,
-        "num_replicas": replicas,
+        "start_step": engine["start_step"],
+        "resumed": engine["resumed"],
+        "final_step": engine["final_step"],
+        "backend": engine["backend"],
+        "precision": engine["precision"],
+        "devices": engine["devices"],
+        "num_devices": engine["num_devices"],
+        "processes": engine["processes"],
+        "mesh": engine["mesh"],
+        "expert_parallel": engine["expert_parallel"],
+        "gradient_accumulation": engine["gradient_accumulation"],
         "parameters": int(sum(math.prod(v.shape) for v in inference.weights)),
         "final_train_loss": last.get("loss"),
         "final_train_next_token_loss": last.get("next_token_loss"),
         "final_train_perplexity": last.get("perplexity"),
-        "tokens_trained": trained_steps * tokens_per_step,
-        "train_seconds": train_seconds,
-        "tokens_per_second": (trained_steps * tokens_per_step / train_seconds
-                              if trained_steps and train_seconds > 0 else None),
+        "tokens_trained": engine["tokens_trained"],
+        "train_seconds": engine["train_seconds"],
+        "tokens_per_second": engine["tokens_per_second"],
+        "steady_tokens_per_second": engine["steady_tokens_per_second"],
+        "first_step_seconds": engine["first_step_seconds"],
         "wall_seconds": time.perf_counter() - started,
-        "loss_history": monitor.history,
-        "expert_utilization_last_interval": monitor.last_expert_summary,
+        "loss_history": [{k: v for k, v in h.items() if k != "experts"} for h in history],
+        "expert_utilization_last_interval": experts,
+        "expert_load_per_layer": {layer: s["load_fraction"] for layer, s in experts.items()},
         "expert_utilization_eval": eval_experts,
         **evaluation,
         "checkpoint_dir": t.checkpoint_dir,
-        "checkpoint_steps": checkpoint.all_steps(),
+        "checkpoint_steps": engine["checkpoint_steps"],
         "keras_model": keras_path,
         "serving_model_dir": fn_args.serving_model_dir,
         "tensorboard_dir": fn_args.model_run_dir,

@@ -11,8 +11,13 @@
             "checkpoint_dir": str,   # default <model_run_dir>/checkpoints
             "eval_batches": int,     # default fn_args.eval_steps, else the whole split
             "grad_clip_norm": float, # global gradient-norm clip, default 1.0 (None: off)
-            "devices": [str, ...],   # default: every visible GPU, else the CPU
+            "gradient_accumulation": int,  # micro-batches per optimizer step, default 1
+            "expert_parallel": int,  # devices per routed-expert shard group, default 1
         },
+
+The engine trains on every device JAX sees in its process (all GPUs, else the
+CPU; XLA_FLAGS=--xla_force_host_platform_device_count=N gives N CPU devices),
+in every process of a multi-host job (see training.parallel).
     }
 
 Every error is a `TrainerConfigError` (a ValueError) whose message names the
@@ -33,7 +38,8 @@ from model.config import ConfigError, DeepSeekV3Config
 
 _REQUIRED_TRAINING = ("batch_size", "learning_rate", "warmup_steps", "weight_decay",
                       "checkpoint_every", "log_every", "precision", "seed")
-_OPTIONAL_TRAINING = ("checkpoint_dir", "eval_batches", "grad_clip_norm", "devices")
+_OPTIONAL_TRAINING = ("checkpoint_dir", "eval_batches", "grad_clip_norm",
+                      "gradient_accumulation", "expert_parallel")
 
 
 class TrainerConfigError(ValueError):
@@ -72,12 +78,11 @@ class TrainingConfig:
     checkpoint_dir: str
     eval_batches: Optional[int] = None
     grad_clip_norm: Optional[float] = 1.0
-    devices: Optional[Tuple[str, ...]] = None
+    gradient_accumulation: int = 1
+    expert_parallel: int = 1
 
     def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["devices"] = list(self.devices) if self.devices is not None else None
-        return values
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +155,11 @@ def parse_custom_config(custom_config: Optional[Mapping[str, Any]],
     clip = raw.get("grad_clip_norm", 1.0)
     if clip is not None:
         clip = _float(clip, path("grad_clip_norm"), positive=True)
-    devices = raw.get("devices")
-    if devices is not None:
-        if isinstance(devices, str) or not all(isinstance(d, str) and d for d in devices) \
-                or not devices:
-            raise TrainerConfigError(f"{_key(*path('devices'))}: must be a non-empty list of "
-                                     f"device names like '/gpu:0', got {devices!r}")
-        devices = tuple(devices)
+    expert_parallel = _int(raw.get("expert_parallel", 1), path("expert_parallel"), 1)
+    experts = model_config.n_routed_experts
+    if expert_parallel > 1 and (not experts or experts % expert_parallel):
+        raise TrainerConfigError(f"{_key(*path('expert_parallel'))}: {expert_parallel} does not "
+                                 f"divide the model's {experts} routed experts")
 
     training = TrainingConfig(
         batch_size=_int(raw["batch_size"], path("batch_size"), 1),
@@ -170,7 +173,9 @@ def parse_custom_config(custom_config: Optional[Mapping[str, Any]],
         checkpoint_dir=checkpoint_dir,
         eval_batches=eval_batches,
         grad_clip_norm=clip,
-        devices=devices,
+        gradient_accumulation=_int(raw.get("gradient_accumulation", 1),
+                                   path("gradient_accumulation"), 1),
+        expert_parallel=expert_parallel,
     )
     return TrainerSettings(model_config=model_config, seq_len=seq_len, training=training)
 

@@ -69,18 +69,8 @@ def _rel_error(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-def eval_loss(model, tokens: np.ndarray, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats) over all target positions."""
-    from model.deepseek_v3 import sparse_ce
-
-    total, count = 0.0, 0
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start:start + batch_size]
-        logits = model(batch, training=False)
-        losses = np.asarray(sparse_ce(logits[:, :-1], batch[:, 1:]))
-        total += float(losses.sum())
-        count += losses.size
-    return total / count
+# The one eval-loss definition (Trainer, gate, benchmarks).
+from model.evaluation import eval_loss  # noqa: E402,F401
 
 
 class IntegrationChecks:

@@ -33,6 +33,8 @@ def _settings_from_args(args):
               "eval_examples": args.eval_examples, "train_steps": args.steps,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate,
               "precision": args.precision, "enable_cache": not args.no_cache,
+              "expert_parallel": args.expert_parallel,
+              "gradient_accumulation": args.gradient_accumulation,
               "examples_dir": args.examples_dir, "pipeline_root": args.pipeline_root,
               "metadata_path": args.metadata_path, "serving_dir": args.serving_dir}
     if args.data_params is not None:
@@ -201,6 +203,10 @@ def _add_settings_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--precision", default="auto", help="auto | float32 | bf16 | float8")
+    p.add_argument("--expert-parallel", type=int, default=1,
+                   help="shard the routed experts over N devices (batch over the rest)")
+    p.add_argument("--gradient-accumulation", type=int, default=1,
+                   help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")
     p.add_argument("--no-cache", action="store_true", help="re-run (or compile with caching off) every component")
 

@@ -42,6 +42,8 @@ class PipelineSettings:
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     precision: str = "auto"
+    expert_parallel: int = 1        # devices per routed-expert shard group (training/parallel.py)
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
     checkpoint_every: int = 100
     log_every: int = 25
     seed: int = 0
@@ -58,7 +60,8 @@ class PipelineSettings:
 
     def __post_init__(self):
         for name in ("seq_len", "train_examples", "eval_examples", "train_steps", "eval_steps",
-                     "batch_size", "checkpoint_every", "log_every"):
+                     "batch_size", "checkpoint_every", "log_every", "expert_parallel",
+                     "gradient_accumulation"):
             check_int(name, getattr(self, name), 1, error=SettingsError)
         if self.seq_len < 2:
             raise SettingsError("seq_len: must be at least 2 (one input and one target)")
@@ -74,6 +77,10 @@ class PipelineSettings:
             # compiling machine may have no credentials for the bucket.
             raise SettingsError(f"examples_dir: {self.examples_dir!r} is not a directory")
         config = self.model_config  # validates the preset and overrides
+        if self.expert_parallel > 1 and (not config.n_routed_experts
+                                         or config.n_routed_experts % self.expert_parallel):
+            raise SettingsError(f"expert_parallel: {self.expert_parallel} does not divide the "
+                                f"model's {config.n_routed_experts} routed experts")
         if self.seq_len > config.max_position_embeddings:
             raise SettingsError(f"seq_len {self.seq_len} exceeds the model's max_position_embeddings "
                                 f"{config.max_position_embeddings}")
@@ -124,6 +131,8 @@ class PipelineSettings:
                 "warmup_steps": self.warmup_steps, "weight_decay": 0.01,
                 "checkpoint_every": self.checkpoint_every, "log_every": self.log_every,
                 "precision": self.precision, "seed": self.seed,
+                "expert_parallel": self.expert_parallel,
+                "gradient_accumulation": self.gradient_accumulation,
                 # Stable across executions so a restarted run resumes; keyed by
                 # everything that defines the training so a changed run never
                 # resumes someone else's checkpoint.
@@ -137,6 +146,7 @@ class PipelineSettings:
         key = json.dumps({"model": self.model_config.to_dict(), "seq_len": self.seq_len,
                           "batch": self.batch_size, "lr": self.learning_rate, "steps": self.train_steps,
                           "warmup": self.warmup_steps, "precision": self.precision, "seed": self.seed,
+                          "accumulation": self.gradient_accumulation,
                           "data": None if self.examples_dir else self.data_spec.to_dict(),
                           "examples_dir": self.examples_dir,
                           "n": [self.train_examples, self.eval_examples]}, sort_keys=True)

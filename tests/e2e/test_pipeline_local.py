@@ -256,6 +256,10 @@ def test_invalid_settings_are_refused_before_anything_runs(tmp_path):
         _settings(tmp_path, model_overrides={"num_experts_per_tok": 99})
     with pytest.raises(SettingsError, match="max_position_embeddings"):
         _settings(tmp_path, seq_len=4096)
+    with pytest.raises(SettingsError, match="expert_parallel: 3 does not divide the model's 4"):
+        _settings(tmp_path, expert_parallel=3)
+    with pytest.raises(SettingsError, match="gradient_accumulation"):
+        _settings(tmp_path, gradient_accumulation=0)
     run_dir = tmp_path / "cli_run"
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
                           "--preset", "tiny", "--model-overrides", '{"n_group": 3}'],
@@ -263,3 +267,29 @@ def test_invalid_settings_are_refused_before_anything_runs(tmp_path):
     assert out.returncode == 2
     assert "n_group" in out.stderr
     assert not run_dir.exists()
+
+
+def test_cli_run_with_expert_parallel_4_on_8_virtual_devices_is_blessed_and_pushed(tmp_path):
+    """The Trainer's engine child inherits XLA_FLAGS: 8 CPU devices, mesh 2 x 4."""
+    import glob
+
+    run_dir = tmp_path / "ep_run"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
+                          "--preset", "tiny", "--seq-len", "16", "--train-examples", "512",
+                          "--eval-examples", "64", "--steps", "30", "--batch-size", "16",
+                          "--expert-parallel", "4", "--thresholds", json.dumps(LOOSE_GATE)],
+                         capture_output=True, text=True, env=env, timeout=1200)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    (summary_path,) = glob.glob(str(run_dir / "**" / "training_summary.json"), recursive=True)
+    with open(summary_path) as f:
+        summary = json.load(f)
+    assert summary["backend"] == "jax" and summary["num_devices"] == 8
+    assert summary["mesh"] == {"batch": 2, "expert": 4} and summary["expert_parallel"] == 4
+    info = _info(_settings(run_dir))
+    assert sorted(b["type"] for b in info["blessings"]) == ["InfraBlessing", "ModelBlessing"]
+    for blessing in info["blessings"]:
+        assert blessing["properties"]["blessed"] == 1, blessing
+    assert _states(info).get("Pusher") == "COMPLETE"
+    assert len(os.listdir(run_dir / "serving")) == 1

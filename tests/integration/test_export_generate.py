@@ -152,11 +152,11 @@ def test_cli_generate_refuses_bad_requests_in_one_line(exported, tmp_path, argv,
 
 
 def test_gate_savedmodel_parity_checks_the_generate_signature(exported):
-    from components.validation_checks import GateThresholds, IntegrationValidator
+    from components.validation_checks import GateThresholds, IntegrationChecks
 
     model, path = exported
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 8)).astype("int32")
-    validator = IntegrationValidator(model, tokens, GateThresholds())
+    validator = IntegrationChecks(model, tokens, GateThresholds())
     result = validator.savedmodel_parity(path)
     assert result["passed"], result
     assert result["generate_equal"] is True

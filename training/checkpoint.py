@@ -1,0 +1,100 @@
+"""Training checkpoints: model variables (weights, router biases, MoE
+counters, float8 scales) keyed by their path inside the model, optimizer
+variables (step counter, moments) keyed by position, and the step.
+
+One `.npz` per checkpoint holding full (gathered) arrays, so a checkpoint is
+independent of the mesh it was written on: restoring lays each array out
+with the sharding of the variable it goes into (1 device -> 8, DP -> EP).
+Written atomically (temporary file, fsync, rename) by process 0; the last
+`keep` are kept. A `trainer_state.json` fingerprint refuses resuming a
+different training setup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, List, Optional
+
+import numpy as np
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^ckpt-(\d+)\.npz$")
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def relative_path(variable) -> str:
+    """A variable's path inside its model (the instance-specific model name stripped)."""
+    return variable.path.split("/", 1)[1] if "/" in variable.path else variable.path
+
+
+class Checkpointer:
+    def __init__(self, directory: str, fingerprint: dict, keep: int = 2, is_writer: bool = True):
+        self.directory = directory
+        self.fingerprint = fingerprint
+        self.keep = keep
+        self.is_writer = is_writer
+
+    def steps(self) -> List[int]:
+        if not os.path.isdir(self.directory):
+            return []
+        found = (_NAME.match(n) for n in os.listdir(self.directory))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, f"ckpt-{step}.npz")
+
+    def latest(self) -> Optional[int]:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def check_fingerprint(self) -> None:
+        state_path = os.path.join(self.directory, STATE_FILE)
+        if not os.path.exists(state_path):
+            return
+        with open(state_path) as f:
+            saved = json.load(f)
+        differ = sorted(k for k in set(saved) | set(self.fingerprint)
+                        if saved.get(k) != self.fingerprint.get(k))
+        if differ:
+            raise CheckpointMismatchError(
+                f"the checkpoints in {self.directory} come from a different training setup "
+                f"(differing: {differ}); point training.checkpoint_dir at a fresh directory")
+
+    def save(self, step: int, arrays: Dict[str, np.ndarray]) -> Optional[str]:
+        """Writes ckpt-<step>.npz atomically (process 0 only)."""
+        if not self.is_writer:
+            return None
+        os.makedirs(self.directory, exist_ok=True)
+        state_path = os.path.join(self.directory, STATE_FILE)
+        if not os.path.exists(state_path):
+            _atomic_write_text(state_path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
+        final = self.path(step)
+        tmp = final + f".tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, __step__=np.asarray(step, np.int64), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)  # atomic: a reader sees the old set or the new file
+        for old in self.steps()[:-self.keep]:
+            os.remove(self.path(old))
+        return final
+
+    def load(self, step: int) -> Dict[str, np.ndarray]:
+        with np.load(self.path(step)) as data:
+            arrays = {k: data[k] for k in data.files}
+        saved_step = int(arrays.pop("__step__"))
+        if saved_step != step:
+            raise CheckpointMismatchError(f"{self.path(step)} holds step {saved_step}, not {step}")
+        return arrays
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + f".tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

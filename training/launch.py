@@ -1,0 +1,88 @@
+"""Starting the engine in a child process (the caller may have TensorFlow
+loaded; Keras' backend is fixed per process). Used by the Trainer adapter,
+the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Dict, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# An interpreter with its own environment for the engine (the GPU image's
+# JAX-CUDA venv, docker/Dockerfile.gpu); default: this one.
+ENGINE_PYTHON = "DEEPSEEK_TFX_ENGINE_PYTHON"
+
+
+class EngineFailed(RuntimeError):
+    """The engine process exited non-zero; the message carries its last lines."""
+
+
+class TrainingDivergedError(EngineFailed):
+    """The loss became NaN/inf; the message names the step."""
+
+
+def worker_env(virtual_devices: Optional[int] = None,
+               extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The child's environment: KERAS_BACKEND=jax, the project on PYTHONPATH,
+    and optionally N virtual CPU devices (XLA_FLAGS must be set before JAX
+    is imported, hence in the child)."""
+    env = dict(os.environ)
+    env["KERAS_BACKEND"] = "jax"
+    if not env.get(ENGINE_PYTHON):  # same interpreter: the project from this checkout
+        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if virtual_devices:
+        flags = [f for f in env.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count="
+                                             f"{int(virtual_devices)}"])
+    env.update(extra or {})
+    return env
+
+
+def start_worker(spec: dict, spec_path: str, env: Dict[str, str]) -> subprocess.Popen:
+    os.makedirs(os.path.dirname(os.path.abspath(spec_path)), exist_ok=True)
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    python = env.get(ENGINE_PYTHON) or sys.executable
+    # With another interpreter the working directory must not shadow its
+    # site-packages (python -m puts the cwd first on sys.path).
+    cwd = ROOT if python == sys.executable else os.path.dirname(os.path.abspath(spec_path))
+    return subprocess.Popen([python, "-u", "-m", "training.worker", spec_path], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+# Lines of the child's output that are its own (the rest is library noise,
+# kept for the error message).
+_ENGINE_PREFIXES = ("engine:", "step ", "checkpoint step", "resuming from", "training diverged")
+
+
+def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print) -> None:
+    tail = collections.deque(maxlen=40)
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        tail.append(line)
+        if line.startswith(_ENGINE_PREFIXES):
+            log_fn(line)
+    if proc.wait() != 0:
+        from training.worker import DIVERGED_EXIT
+
+        if proc.returncode == DIVERGED_EXIT:
+            raise TrainingDivergedError([l for l in tail if l.startswith("training diverged")][-1])
+        raise EngineFailed(f"the training engine exited with status {proc.returncode}:\n"
+                           + "\n".join(tail))
+
+
+def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
+               log_fn: Callable[[str], None] = print) -> dict:
+    """Runs the engine to completion; returns its result.json."""
+    proc = start_worker(spec, spec_path, env or worker_env())
+    wait_worker(proc, log_fn)
+    with open(os.path.join(spec["output_dir"], "result.json")) as f:
+        return json.load(f)

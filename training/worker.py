@@ -1,0 +1,112 @@
+"""The engine's process entry point: `python -m training.worker SPEC.json`.
+
+Started by the Trainer adapter (components/trainer.py) with KERAS_BACKEND=jax,
+or by hand on a machine with JAX and no TensorFlow. SPEC:
+
+    {"model_config": DeepSeekV3Config.to_dict(),
+     "engine": EngineSettings fields,
+     "tokens": "<.npy [micro-batches, B, S] int32>",
+     "padding_mask": "<.npy, same shape>" | null,
+     "output_dir": "<dir>",          # gets result.json and weights.npz
+     "num_devices": int | null,      # default: every device (all processes)
+     "save_weights": true, "stop_after": null, "report_shardings": false}
+
+Console lines go to stdout (flushed). Multi-process: set
+KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID in every
+process (see training.parallel); process 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+DIVERGED_EXIT = 3
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def sharding_report(engine) -> dict:
+    """Per variable: global shape and the shape each device holds."""
+    from training.checkpoint import relative_path
+
+    def shard(v):
+        value = v.value
+        return {"shape": list(value.shape),
+                "shard_shape": list(value.sharding.shard_shape(value.shape)),
+                "replicated": bool(value.sharding.is_fully_replicated)}
+
+    return {"model": {relative_path(v): shard(v) for v in engine.model.weights},
+            "optimizer": {v.path: shard(v) for v in engine.optimizer.variables}}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m training.worker SPEC.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from training.parallel import initialize_from_env
+
+    initialize_from_env(int(spec["engine"].get("seed", 0)))  # before any device is touched
+    import jax
+    import numpy as np
+
+    from model.config import DeepSeekV3Config
+    from training.engine import Engine, EngineSettings
+
+    def log(line: str) -> None:
+        if jax.process_index() == 0:
+            print(line, flush=True)
+
+    config = DeepSeekV3Config.from_dict(spec["model_config"])
+    settings = EngineSettings(**spec["engine"])
+    devices = jax.devices()
+    if spec.get("num_devices"):
+        devices = devices[:int(spec["num_devices"])]
+    engine = Engine(config, settings, devices=devices, log_fn=log)
+    log(f"engine: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
+        f"{settings.seq_len}, batch {settings.batch_size} x {settings.gradient_accumulation} "
+        f"accumulation, {settings.train_steps} steps on {len(devices)} {engine.platform} "
+        f"device(s) in {jax.process_count()} process(es), mesh batch {engine.plan.batch} x "
+        f"expert {engine.plan.expert}, policy {engine.policy}"
+        f"{' + float8' if engine.float8 else ''}")
+    tokens = np.load(spec["tokens"], mmap_mode="r")
+    mask = np.load(spec["padding_mask"], mmap_mode="r") if spec.get("padding_mask") else None
+    from training.engine import TrainingDiverged
+
+    try:
+        result = engine.train(tokens, mask, stop_after=spec.get("stop_after"))
+    except TrainingDiverged as e:
+        log(str(e))
+        return DIVERGED_EXIT
+    out = spec["output_dir"]
+    if spec.get("report_shardings"):
+        result["shardings"] = sharding_report(engine)
+    weights = engine.weights()  # collective in multi-process runs: every process calls it
+    if jax.process_index() == 0:
+        os.makedirs(out, exist_ok=True)
+        if spec.get("save_weights", True):
+            tmp = os.path.join(out, "weights.npz.tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **weights)
+            os.replace(tmp, os.path.join(out, "weights.npz"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(_json_safe(result), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
