@@ -62,7 +62,7 @@ def _schema(fn_args, settings: TrainerSettings):
     from tensorflow_metadata.proto.v0 import schema_pb2
     from tfx.utils import io_utils
 
-    from components.data_validation import make_schema
+    from components.curated_schema import make_schema
 
     path = getattr(fn_args, "schema_path", None) or getattr(fn_args, "schema_file", None)
     if path:
