@@ -9,14 +9,18 @@ What it does, in order:
    fn_args.train_steps / eval_steps, before anything heavy happens.
 2. Reads the Examples the TFX way: `fn_args.data_accessor.tf_dataset_factory`
    over `fn_args.train_files` with the curated schema (`fn_args.schema_path`,
-   else the schema the pipeline's CuratedSchemaGen writes), seeded shuffle,
-   and writes the `train_steps x gradient_accumulation` batches the engine
-   will consume to `<model_run_dir>/engine/train_tokens.npy` (the engine
-   memory-maps it; a resumed run reads the same batches at the same steps).
-3. Runs `python -m training.worker` with KERAS_BACKEND=jax; its progress,
-   checkpoint and balance lines are forwarded to `log_fn`. The engine trains
-   on every device JAX sees (data parallel, or `expert_parallel`), resumes
-   from `training.checkpoint_dir`, and writes the trained weights.
+   else the schema the pipeline's CuratedSchemaGen writes), seeded shuffle.
+   The first training batch is read here (an empty split fails before the
+   engine starts); the eval batches are read whole (eval_steps of them).
+3. Runs `python -m training.worker` with KERAS_BACKEND=jax and streams the
+   `train_steps x gradient_accumulation` training batches to its stdin as
+   they come out of tf.data (a writer thread, `training.launch.BatchFeeder`;
+   nothing of the size of the run is written to disk). A resumed run reads
+   and discards the batches of its done steps, so it sees the same batches
+   at the same steps. Its progress, checkpoint and balance lines are
+   forwarded to `log_fn`. The engine trains on every device JAX sees (data
+   parallel, or `expert_parallel`), resumes from `training.checkpoint_dir`,
+   and writes the trained weights.
 4. Loads the weights into a float32 TF-backend model, evaluates it on
    `fn_args.eval_files` (`model.evaluation`), writes TensorBoard scalars to
    `fn_args.model_run_dir`, and exports under the model artifact uri:
@@ -30,7 +34,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -72,10 +76,9 @@ def _schema(fn_args, settings: TrainerSettings):
     return make_schema(settings.model_config.vocab_size, settings.seq_len)
 
 
-def read_batches(fn_args, settings: TrainerSettings, files, batches: Optional[int],
-                 shuffle: bool, what: str) -> np.ndarray:
-    """[batches, B, S] int32 token batches of `files` (all full batches of one
-    pass when batches is None and not shuffle)."""
+def _dataset(fn_args, settings: TrainerSettings, files, shuffle: bool, what: str):
+    """(tf.data of [B, S] token batches, file patterns): seeded-shuffle and
+    endless when shuffle, else one pass with a short last batch."""
     import tensorflow as tf
 
     from components import training_loop as tl
@@ -97,14 +100,54 @@ def read_batches(fn_args, settings: TrainerSettings, files, batches: Optional[in
     else:
         dataset = tl.eval_dataset(patterns, settings.seq_len, t.batch_size, None).map(
             lambda b: b[FEATURE])
+    return dataset, patterns
+
+
+def read_batches(fn_args, settings: TrainerSettings, files, batches: Optional[int],
+                 what: str) -> np.ndarray:
+    """[examples, S] int32 tokens of the first `batches` batches of one pass
+    over `files` (all of them when batches is None); for evaluation."""
+    dataset, patterns = _dataset(fn_args, settings, files, False, what)
     if batches:
         dataset = dataset.take(batches)
     arrays = [np.asarray(b, np.int32) for b in dataset.as_numpy_iterator()]
     if not arrays:
         raise ValueError(f"fn_args.{what}: {list(patterns)!r} has no examples")
-    if shuffle and len(arrays) < (batches or 0):
-        raise ValueError(f"fn_args.{what}: got {len(arrays)} batches, need {batches}")
-    return np.concatenate(arrays) if not shuffle else np.stack(arrays)
+    return np.concatenate(arrays)
+
+
+def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
+                   what: str = "train_files") -> Iterator[np.ndarray]:
+    """The `batches` seeded-shuffle [B, S] int32 training batches, lazily.
+    The first one is read now, so an empty split or a wrong shape fails
+    here, before the engine starts; a split that runs short fails when it
+    does, naming how many batches it gave."""
+    dataset, patterns = _dataset(fn_args, settings, files, True, what)
+    iterator = dataset.take(batches).as_numpy_iterator()
+    expected = (settings.training.batch_size, settings.seq_len)
+
+    def checked(batch, index):
+        batch = np.ascontiguousarray(batch, np.int32)
+        if batch.shape != expected:
+            raise ValueError(f"fn_args.{what}: batch {index} has shape {batch.shape}, "
+                             f"expected {expected} (batch_size, seq_len)")
+        return batch
+
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError(f"fn_args.{what}: {list(patterns)!r} has no examples")
+    first = checked(first, 0)
+
+    def rest():
+        yield first
+        n = 1
+        for batch in iterator:
+            yield checked(batch, n)
+            n += 1
+        if n < batches:
+            raise ValueError(f"fn_args.{what}: got {n} batches, need {batches}")
+
+    return rest()
 
 
 # --------------------------------------------------------------- weights
@@ -174,18 +217,15 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     workdir = os.path.join(fn_args.model_run_dir, "engine")
     os.makedirs(workdir, exist_ok=True)
     micro_batches = train_steps * t.gradient_accumulation
-    tokens = read_batches(fn_args, settings, fn_args.train_files, micro_batches, True,
-                          "train_files")
+    train_batches = stream_batches(fn_args, settings, fn_args.train_files, micro_batches)
     eval_tokens = None
     if fn_args.eval_files:
         eval_tokens = read_batches(fn_args, settings, fn_args.eval_files,
-                                   t.eval_batches or eval_steps, False, "eval_files")
-    tokens_path = os.path.join(workdir, "train_tokens.npy")
-    np.save(tokens_path, tokens)
+                                   t.eval_batches or eval_steps, "eval_files")
     log_fn(f"trainer: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
            f"{settings.seq_len}, batch {t.batch_size} x {t.gradient_accumulation} accumulation, "
-           f"{train_steps} steps; {len(tokens)} batches in {tokens_path}; engine: Keras on JAX "
-           f"in a child process")
+           f"{train_steps} steps; {micro_batches} batches streamed to the engine (Keras on JAX "
+           f"in a child process)")
 
     spec = {
         "model_config": config.to_dict(),
@@ -197,11 +237,12 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
                    "expert_parallel": t.expert_parallel, "precision": t.precision,
                    "seed": t.seed, "checkpoint_dir": t.checkpoint_dir,
                    "checkpoint_every": t.checkpoint_every, "log_every": t.log_every},
-        "tokens": tokens_path,
+        "tokens": "stdin",  # the batches of train_batches, in order
         "output_dir": os.path.join(workdir, "out"),
     }
     try:
-        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=log_fn)
+        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=log_fn,
+                                   batches=train_batches)
     except launch.TrainingDivergedError as e:
         raise RuntimeError(str(e)) from None
     if engine["final_step"] != train_steps:

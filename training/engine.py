@@ -373,7 +373,8 @@ class Engine:
     # ---------------------------------------------------------------- loop
     def train(self, tokens: np.ndarray, padding_mask: Optional[np.ndarray] = None,
               stop_after: Optional[int] = None) -> dict:
-        """tokens: [micro-batches, B, S] int (a memmap is fine); micro-batch
+        """tokens: [micro-batches, B, S] int (a memmap or a forward-only
+        training.token_stream.TokenStream is fine); micro-batch
         step * A + a feeds accumulation slot a of optimizer step `step`, so
         a resumed run reads exactly the batches an uninterrupted run would."""
         import jax

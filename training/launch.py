@@ -9,7 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable, Dict, Optional
+import threading
+from typing import Callable, Dict, Iterable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +47,7 @@ def worker_env(virtual_devices: Optional[int] = None,
     return env
 
 
-def start_worker(spec: dict, spec_path: str, env: Dict[str, str]) -> subprocess.Popen:
+def start_worker(spec: dict, spec_path: str, env: Dict[str, str], stdin=None) -> subprocess.Popen:
     os.makedirs(os.path.dirname(os.path.abspath(spec_path)), exist_ok=True)
     with open(spec_path, "w") as f:
         json.dump(spec, f)
@@ -54,7 +55,8 @@ def start_worker(spec: dict, spec_path: str, env: Dict[str, str]) -> subprocess.
     # With another interpreter the working directory must not shadow its
     # site-packages (python -m puts the cwd first on sys.path).
     cwd = ROOT if python == sys.executable else os.path.dirname(os.path.abspath(spec_path))
-    return subprocess.Popen([python, "-u", "-m", "training.worker", spec_path], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([python, "-u", "-m", "training.worker", spec_path], cwd=cwd, env=env, stdin=stdin,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
@@ -79,10 +81,76 @@ def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print) -
                            + "\n".join(tail))
 
 
+class BatchFeeder(threading.Thread):
+    """Writes each batch's raw int32 bytes to the child's stdin (the worker's
+    `"tokens": "stdin"`). A thread, so the caller keeps reading the child's
+    stdout while a full pipe blocks the writes. A child that exits before
+    reading everything (done, resumed at the end, or crashed) breaks the
+    pipe: that ends the feed quietly, the child's exit status tells what
+    happened. Any other error (the data) is kept in `error`."""
+
+    def __init__(self, pipe, batches: Iterable):
+        super().__init__(name="engine-batch-feeder", daemon=True)
+        self.pipe, self.batches = pipe, batches
+        self.error: Optional[BaseException] = None
+        self.written = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import numpy as np
+
+        try:
+            for batch in self.batches:
+                if self.stop.is_set():
+                    break
+                self.pipe.write(np.ascontiguousarray(batch, np.int32).data)
+                self.written += 1
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except BaseException as e:  # noqa: BLE001  (reported by run_worker)
+            self.error = e
+        finally:
+            try:
+                self.pipe.close()  # EOF for the child
+            except OSError:
+                pass
+
+
 def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
-               log_fn: Callable[[str], None] = print) -> dict:
-    """Runs the engine to completion; returns its result.json."""
-    proc = start_worker(spec, spec_path, env or worker_env())
-    wait_worker(proc, log_fn)
+               log_fn: Callable[[str], None] = print, batches: Optional[Iterable] = None) -> dict:
+    """Runs the engine to completion; returns its result.json. With
+    `batches` (an iterable of [B, S] int arrays, for a spec with
+    `"tokens": "stdin"`) a background thread streams them to the child."""
+    if batches is None:
+        proc = start_worker(spec, spec_path, env or worker_env())
+        wait_worker(proc, log_fn)
+    else:
+        if spec.get("tokens") != "stdin":
+            raise ValueError(f'run_worker: batches need spec["tokens"] == "stdin", '
+                             f'got {spec.get("tokens")!r}')
+        read_end, write_end = os.pipe()  # not inherited: the child's EOF comes with our close
+        try:
+            proc = start_worker(spec, spec_path, env or worker_env(), stdin=read_end)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        feeder = BatchFeeder(os.fdopen(write_end, "wb"), batches)
+        feeder.start()
+        try:
+            wait_worker(proc, log_fn)
+        except EngineFailed as failed:
+            feeder.stop.set()
+            feeder.join(timeout=60)
+            if feeder.error is not None:  # the data ran out or broke: that is the cause
+                raise feeder.error from failed
+            raise
+        finally:
+            if proc.poll() is None:  # interrupted while the child runs
+                proc.kill()
+                proc.wait()
+            feeder.stop.set()
+        feeder.join(timeout=60)
     with open(os.path.join(spec["output_dir"], "result.json")) as f:
         return json.load(f)

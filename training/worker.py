@@ -5,11 +5,18 @@ or by hand on a machine with JAX and no TensorFlow. SPEC:
 
     {"model_config": DeepSeekV3Config.to_dict(),
      "engine": EngineSettings fields,
-     "tokens": "<.npy [micro-batches, B, S] int32>",
+     "tokens": "<.npy [micro-batches, B, S] int32>" | "stdin",
      "padding_mask": "<.npy, same shape>" | null,
      "output_dir": "<dir>",          # gets result.json and weights.npz
      "num_devices": int | null,      # default: every device (all processes)
      "save_weights": true, "stop_after": null, "report_shardings": false}
+
+"tokens": "stdin" streams the batches: stdin carries train_steps x
+gradient_accumulation micro-batches of [batch_size, seq_len] int32 (native
+byte order, C order) back to back (training.token_stream.TokenStream); a
+resumed run reads and discards the micro-batches of the steps it has done.
+`training.launch.run_worker(..., batches=...)` feeds them. With several
+processes each one reads its own stdin and must get the same stream.
 
 Console lines go to stdout (flushed). Multi-process: set
 KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID in every
@@ -83,7 +90,13 @@ def main(argv=None) -> int:
         f"device(s) in {jax.process_count()} process(es), mesh batch {engine.plan.batch} x "
         f"expert {engine.plan.expert}, policy {engine.policy}"
         f"{' + float8' if engine.float8 else ''}")
-    tokens = np.load(spec["tokens"], mmap_mode="r")
+    if spec["tokens"] == "stdin":
+        from training.token_stream import TokenStream
+
+        tokens = TokenStream(sys.stdin.buffer, settings.train_steps * settings.gradient_accumulation,
+                             settings.batch_size, settings.seq_len)
+    else:
+        tokens = np.load(spec["tokens"], mmap_mode="r")
     mask = np.load(spec["padding_mask"], mmap_mode="r") if spec.get("padding_mask") else None
     from training.engine import TrainingDiverged
 

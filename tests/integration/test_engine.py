@@ -2,7 +2,8 @@
 and 8 virtual CPU devices: the same training on 1 device, 8-way data
 parallel, a 2 x 4 (batch x expert) mesh and two processes; expert-parallel
 shardings; DeepSeek-V3's once-per-step global bias update under gradient
-accumulation; kill -9 and resume (also onto another device count)."""
+accumulation; kill -9 and resume (with the batches streamed on stdin, and
+onto another device count)."""
 
 import json
 import os
@@ -41,12 +42,12 @@ def _spec(workdir, tokens, **engine):
             "output_dir": str(workdir / "out"), "report_shardings": True}
 
 
-def _run(workdir, spec, devices=8, num_devices=None, env=None):
+def _run(workdir, spec, devices=8, num_devices=None, env=None, batches=None):
     workdir.mkdir(parents=True, exist_ok=True)
     spec = dict(spec, output_dir=str(workdir / "out"), num_devices=num_devices)
     lines = []
-    result = launch.run_worker(spec, str(workdir / "spec.json"),
-                               launch.worker_env(devices, env), log_fn=lines.append)
+    result = launch.run_worker(spec, str(workdir / "spec.json"), launch.worker_env(devices, env),
+                               log_fn=lines.append, batches=batches)
     with np.load(workdir / "out" / "weights.npz") as w:
         weights = {k: w[k] for k in w.files}
     return result, weights, lines
@@ -196,7 +197,10 @@ def test_kill_9_then_resume_matches_and_resumes_onto_8_devices(runs, tmp_path):
     for name in os.listdir(checkpoints):
         (copy / name).write_bytes((checkpoints / name).read_bytes())
 
-    result, weights, lines = _run(tmp_path / "resumed", spec, devices=1)
+    # Resumed with the batches streamed on stdin (as the Trainer adapter
+    # does): the engine skips the batches of the done steps.
+    result, weights, lines = _run(tmp_path / "resumed", dict(spec, tokens="stdin"), devices=1,
+                                  batches=iter(np.load(runs["tokens"])))
     assert result["start_step"] == max(saved) and any(l.startswith("resuming from step") for l in lines)
     _assert_same_weights(runs["one"][1], weights, atol=1e-6)
     # The remaining steps are the uninterrupted run's steps.

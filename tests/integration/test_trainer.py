@@ -283,6 +283,32 @@ def test_resume_from_a_checkpoint_matches_uninterrupted_run(tmp_path, examples, 
         _run(other)
 
 
+def test_gradient_accumulation_streams_two_batches_a_step(tmp_path, examples):
+    fn_args = _fn_args(tmp_path, examples, train_steps=4, gradient_accumulation=2,
+                       checkpoint_every=4, log_every=2)
+    summary, lines = _run(fn_args)
+    assert "8 batches streamed to the engine" in "\n".join(lines)
+    assert summary["final_step"] == 4 and summary["start_step"] == 0
+    assert summary["gradient_accumulation"] == 2 and summary["training"]["gradient_accumulation"] == 2
+    assert summary["tokens_trained"] == 4 * 2 * BATCH * SEQ_LEN
+    assert [h["step"] for h in summary["loss_history"]] == [2, 4]
+    # The last 2-step interval routed the tokens of 2 x 2 micro-batches.
+    moe = summary["expert_utilization_last_interval"]["layers_1"]
+    assert moe["assignments"] == 2 * 2 * BATCH * SEQ_LEN * TINY.num_experts_per_tok
+    assert not os.path.exists(os.path.join(fn_args.model_run_dir, "engine", "train_tokens.npy"))
+
+
+def test_empty_train_split_is_refused_before_the_engine_starts(tmp_path, examples):
+    empty = tmp_path / "examples"
+    shutil.copytree(examples, empty)
+    train = empty / "Split-train" / "data_tfrecord-00000-of-00001.gz"
+    write_tfrecords(str(train), np.zeros((0, SEQ_LEN), np.int64))
+    fn_args = _fn_args(tmp_path, str(empty), train_steps=2)
+    with pytest.raises(ValueError, match=r"fn_args.train_files: .*Split-train.* has no examples"):
+        trainer.run_fn(fn_args, log_fn=lambda line: None)
+    assert not os.path.exists(os.path.join(fn_args.model_run_dir, "engine", "spec.json"))
+
+
 def test_absurd_learning_rate_stops_with_divergence_error(tmp_path, examples):
     fn_args = _fn_args(tmp_path, examples, train_steps=30, learning_rate=1e6, warmup_steps=0,
                        grad_clip_norm=None, checkpoint_every=2, log_every=1)
