@@ -141,12 +141,15 @@ def _jax_grouped_matmul(x, w, group_sizes, block, tiles):
             kept = lax.dynamic_slice_in_dim(dx, start, block)
             dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(mine, dxs, kept), start, 0)
             xs = lax.dynamic_slice_in_dim(x, start, block).astype(w.dtype)
-            dwe = lax.dynamic_index_in_dim(dw, e[j], keepdims=False) + xs.T @ dys
+            dwe = lax.dynamic_index_in_dim(dw, e[j], keepdims=False) + jnp.matmul(
+                xs.T, dys, preferred_element_type=jnp.float32)
             dw = lax.dynamic_update_index_in_dim(dw, dwe, e[j], 0)
             return dx, dw
 
-        dx, dw = lax.fori_loop(0, used, body, (jnp.zeros_like(x), jnp.zeros_like(w)))
-        return dx, dw, np.zeros(g.shape, jax.dtypes.float0)  # integer input: no cotangent
+        # dw sums over many tiles: accumulate in float32 (bf16 weights too).
+        dw = jnp.zeros(w.shape, jnp.float32)
+        dx, dw = lax.fori_loop(0, used, body, (jnp.zeros_like(x), dw))
+        return dx, dw.astype(w.dtype), np.zeros(g.shape, jax.dtypes.float0)  # int input: no cotangent
 
     gmm.defvjp(gmm_fwd, gmm_bwd)
     return gmm(x, w, jnp.asarray(group_sizes, jnp.int32))
