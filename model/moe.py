@@ -15,15 +15,14 @@ once per micro-batch. An optional sequence-wise balance loss (alpha, eqs.
 17-20) complements it; its f_i counts the plain top-k of s_i.
 
 Dropless grouped compute (the default, training and inference, "No
-Token-Dropping"): the T*K (token, choice) assignments are sorted by expert and
-laid out in blocks of `block` rows, each expert's group padded to a multiple
-of `block`, so a block holds one expert's rows. Every block runs its expert's
-SwiGLU as a batched matmul against that expert's gathered weights, and the
-results are gathered back per assignment and summed with the gate weights.
-The row count has the static bound T*K + E*(block-1) (and at most T*K
-blocks), so compute follows top_k, not the number of experts; nothing is
-[experts x tokens]. Expert weights are expert-major [E, ...] and the
-dispatched rows are grouped by expert, so experts can be sharded.
+Token-Dropping"): the T*K (token, choice) assignments are sorted by expert
+(not kept ones last) and each expert's rows run its SwiGLU through
+`grouped_matmul` (model/grouped_matmul.py): tiles of a few rows inside one
+expert's group, about T*K + E*tile rows of work, so compute follows top_k,
+not the number of experts; nothing is [experts x tokens]. Under JAX the tiles
+run in a while loop over the tiles actually used with the expert weights
+indexed in place (custom VJP); under TF a keras.ops version over the static
+tile bound. Expert weights are expert-major [E, ...], so they can be sharded.
 `jax.lax.ragged_dot` was measured and not used: on XLA:CPU (JAX 0.4.30) it
 costs like every expert on every row (55 ms at 8 experts, 407 ms at 64, vs
 7 / 11 ms blocked, 4096 rows x 256 x 128) and has no differentiation rule.
@@ -43,18 +42,13 @@ import keras
 from keras import ops
 
 from .config import DeepSeekV3Config
+from .grouped_matmul import grouped_matmul, tile_rows
 from .mlp import SwiGLUMLP
 
 # Experts of groups that were not selected can never be chosen (-inf, as in
 # the official inference code and transformers 5; older transformers used 0.0,
 # which lets a strongly negative bias pull in an expert from a dropped group).
 _UNSELECTED_GROUP_SCORE = float("-inf")
-
-# Rows per block of the grouped expert compute. On XLA:CPU smaller blocks lose
-# more to the per-block weight gather than they save in padding rows
-# (measured at 2048 tokens, hidden 256, expert dim 128, 8-256 experts).
-_MAX_BLOCK_ROWS = 64
-
 
 def router_bias_update(bias, load, gamma):
     """One aux-loss-free balancing step: b_i + gamma * sign(mean(load) - load_i)."""
@@ -64,20 +58,8 @@ def router_bias_update(bias, load, gamma):
 
 
 def block_rows(assignments, experts):
-    """Static block size: a power of two up to _MAX_BLOCK_ROWS, no larger than
-    the mean group (decode-sized inputs get small blocks)."""
-    if not isinstance(assignments, int):
-        return _MAX_BLOCK_ROWS
-    mean_group = max(1, assignments // experts)
-    return min(_MAX_BLOCK_ROWS, 1 << (mean_group.bit_length() - 1))
-
-
-def _count_blocks(assignments, experts, block):
-    """Upper bound on sum_e ceil(g_e / block) over groups summing to `assignments`."""
-    if isinstance(assignments, int):
-        return max(1, min(assignments, (assignments + min(experts, assignments) * (block - 1)) // block))
-    n = assignments
-    return ops.maximum(1, ops.minimum(n, (n + ops.minimum(experts, n) * (block - 1)) // block))
+    """Rows per tile of the grouped expert compute (the backend's choice)."""
+    return tile_rows(assignments, experts)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
@@ -190,50 +172,29 @@ class DeepSeekMoE(keras.layers.Layer):
         return ops.logical_and(valid, position < capacity)
 
     def _grouped_experts(self, x, flat_experts, kept):
-        """SwiGLU of every kept assignment by its expert, grouped in blocks.
-        Returns [N, hidden] in assignment order (zeros where not kept)."""
+        """SwiGLU of every kept assignment by its expert. Returns [N, hidden]
+        in assignment order (zeros where not kept)."""
         c = self.config
         experts, k = c.n_routed_experts, c.num_experts_per_tok
-        num_tokens, hidden = ops.shape(x)[0], ops.shape(x)[1]
         n = ops.shape(flat_experts)[0]
         block = block_rows(n, experts)
-        blocks = _count_blocks(n, experts, block)
-        rows = blocks * block
-        # Sort assignments by expert (not kept: sentinel E, last); unique keys
-        # keep the order deterministic on every backend.
+        # Sort assignments by expert (not kept: sentinel E, last, outside every
+        # group); unique keys keep the order deterministic on every backend.
         key_expert = ops.where(kept, flat_experts, experts)
         order = ops.argsort(key_expert * n + ops.arange(n, dtype="int32"))
-        sorted_expert = ops.take(key_expert, order)
         group = ops.segment_sum(ops.cast(kept, "int32"), flat_experts, num_segments=experts)
-        padded = (group + block - 1) // block * block
-        padded_end = ops.cumsum(padded)
-        # Sentinel entries send dropped/pad assignments to the scratch row `rows`.
-        starts = ops.concatenate([ops.cumsum(group) - group, ops.zeros((1,), "int32")])
-        padded_starts = ops.concatenate([padded_end - padded, ops.full((1,), rows, dtype="int32")])
-        rank = ops.arange(n, dtype="int32") - ops.take(starts, sorted_expert)
-        row_sorted = ops.where(sorted_expert < experts,
-                               rank + ops.take(padded_starts, sorted_expert), rows)
-        token_sorted = ops.take(ops.repeat(ops.arange(num_tokens, dtype="int32"), k), order)
-        # Which token feeds each row (num_tokens = the zero row).
-        row_token = ops.scatter_update(
-            ops.full((rows + 1,), num_tokens, dtype="int32"), row_sorted[:, None], token_sorted)
-        x_rows = ops.take(ops.concatenate([x, ops.zeros((1, hidden), x.dtype)], axis=0),
-                          row_token[:-1], axis=0)
-        x_blocks = ops.reshape(x_rows, (blocks, block, hidden))
-        block_expert = ops.clip(
-            ops.searchsorted(padded_end, ops.arange(blocks, dtype="int32") * block, side="right"),
-            0, experts - 1)
+        x_sorted = ops.take(x, order // k, axis=0)  # assignment a is token a // k
         dtype = x.dtype
 
-        def weights_of(variable):
-            return ops.take(ops.cast(variable, dtype), block_expert, axis=0)
+        def expert_matmul(rows, variable):
+            return grouped_matmul(rows, ops.cast(variable, dtype), group, block)
 
-        gate = ops.einsum("nbh,nhi->nbi", x_blocks, weights_of(self.experts_gate_proj))
-        up = ops.einsum("nbh,nhi->nbi", x_blocks, weights_of(self.experts_up_proj))
-        out = ops.einsum("nbi,nih->nbh", ops.silu(gate) * up, weights_of(self.experts_down_proj))
-        out = ops.concatenate([ops.reshape(out, (rows, hidden)), ops.zeros((1, hidden), dtype)], axis=0)
-        row_of = ops.scatter_update(ops.zeros((n,), "int32"), order[:, None], row_sorted)
-        return ops.take(out, row_of, axis=0)
+        hidden = ops.silu(expert_matmul(x_sorted, self.experts_gate_proj)) * expert_matmul(
+            x_sorted, self.experts_up_proj)
+        out = expert_matmul(hidden, self.experts_down_proj)
+        position = ops.scatter_update(ops.zeros((n,), "int32"), order[:, None],
+                                      ops.arange(n, dtype="int32"))
+        return ops.take(out, position, axis=0)
 
     # --------------------------------------------------------------- losses
     def _sequence_aux_loss(self, scores, valid, batch, seq_len):
