@@ -23,7 +23,6 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-
 # Tile height cap per backend (4096 rows x 256 x 128, 8-256 experts, XLA:CPU).
 # The JAX loop indexes the weights in place; its dots ran fastest at 32 rows
 # (fwd 3.5 ms at 8 experts vs 3.9 at 16 and ~2x at 64; dense 3.0), and short

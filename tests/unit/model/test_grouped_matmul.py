@@ -7,9 +7,9 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
-import keras
 from keras import ops
 
 from model.grouped_matmul import grouped_matmul
