@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from components.trainer_config import TrainerConfigError, TrainerSettings, parse_custom_config, validate_steps  # noqa: F401
+from training.worker import json_safe
 
 SUMMARY_FILE = "training_summary.json"
 KERAS_MODEL_PATH = os.path.join("keras", "model.keras")
@@ -48,16 +49,6 @@ FEATURE = "input_ids"
 def model_artifact_uri(serving_model_dir: str) -> str:
     """TFX's serving_model_dir is `<model uri>/Format-Serving`."""
     return os.path.dirname(os.path.normpath(serving_model_dir))
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------ input
@@ -305,5 +296,5 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     }
     tf.io.gfile.makedirs(artifact)
     with tf.io.gfile.GFile(os.path.join(artifact, SUMMARY_FILE), "w") as f:
-        f.write(json.dumps(_json_safe(summary), indent=2))
+        f.write(json.dumps(json_safe(summary), indent=2))
     return summary

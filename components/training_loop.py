@@ -6,7 +6,6 @@ in the engine (`training/`, Keras on JAX)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import List, Optional, Sequence
 
@@ -14,16 +13,7 @@ import keras  # noqa: E402  (Keras 3; never tf.keras)
 import numpy as np
 import tensorflow as tf  # noqa: E402
 
-
-@contextlib.contextmanager
-def dtype_policy(name: str):
-    """Sets Keras' global dtype policy for the block, then restores it."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
+from training.engine import dtype_policy  # noqa: F401  (re-exported for export / demo)
 
 
 def relative_variable_path(variable) -> str:

@@ -33,13 +33,14 @@ import sys
 DIVERGED_EXIT = 3
 
 
-def _json_safe(value):
+def json_safe(value):
+    """JSON-ready: non-finite floats become null (also used by the Trainer adapter)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
                 np.savez(f, **weights)
             os.replace(tmp, os.path.join(out, "weights.npz"))
         with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump(_json_safe(result), f, indent=2)
+            json.dump(json_safe(result), f, indent=2)
     return 0
 
 
