@@ -49,6 +49,7 @@ def _grads(fn, x, w, probe):
     (7, [3, 4], 64, 0),                       # fewer rows than a block
     (33, [0] * 6 + [33], 16, 0),              # one group holds everything
     (12, [0, 0, 0], 4, 12),                   # nothing routed
+    (600, [300, 0, 290], 64, 10),             # long groups: JAX takes the gathered tiles
 ])
 def test_grouped_matmul_equals_per_row_reference(rng, rows, groups, block, left_out):
     assert sum(groups) + left_out == rows
