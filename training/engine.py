@@ -27,11 +27,10 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from model.checks import PRECISIONS
 from training.checkpoint import Checkpointer, CheckpointMismatchError, relative_path
 from training.optim import WarmupCosineSchedule, make_optimizer, warmup_cosine_lr
 from training.parallel import MeshError, batch_sharding, global_array, make_distribution, plan_mesh, to_host
-
-PRECISIONS = ("auto", "float32", "bf16", "float8")
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,19 +88,6 @@ def dtype_policy(name: str):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
-
-
-def router_bias_update(bias, load, gamma):
-    """DeepSeek-V3: b_i += gamma * sign(mean(load) - load_i)."""
-    try:  # the MoE's own definition once it has one
-        from model.moe import router_bias_update as model_update
-
-        return model_update(bias, load, gamma)
-    except ImportError:
-        from keras import ops
-
-        load = ops.cast(load, "float32")
-        return ops.cast(bias, "float32") + gamma * ops.sign(ops.mean(load) - load)
 
 
 def next_token_ce(logits, token_ids, padding_mask=None):
@@ -224,6 +210,8 @@ class Engine:
     def _build_step(self):
         import jax
         from keras import ops
+
+        from model.moe import router_bias_update
 
         model, optimizer, s = self.model, self.optimizer, self.s
         ntv_index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
@@ -509,4 +497,4 @@ class Engine:
 
 
 __all__ = ["Engine", "EngineSettings", "MeshError", "TrainingDiverged", "CheckpointMismatchError",
-           "resolve_precision", "next_token_ce", "router_bias_update"]
+           "resolve_precision", "next_token_ce"]
