@@ -2,11 +2,11 @@
 
 
 def __getattr__(name):
-    # `components.ValidationReport` is the custom artifact's TYPE_NAME, which
+    # `components.ValidationReport` (and `.Tokenizer`) are the custom artifacts' TYPE_NAMEs, which
     # KubeflowV2's executor entrypoint imports by that path. Resolved lazily so
     # importing a light submodule does not pull in TFX.
-    if name == "ValidationReport":
-        from components.artifacts import ValidationReport
+    if name in ("ValidationReport", "Tokenizer"):
+        from components import artifacts
 
-        return ValidationReport
+        return getattr(artifacts, name)
     raise AttributeError(f"module 'components' has no attribute {name!r}")

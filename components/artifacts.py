@@ -13,3 +13,12 @@ class ValidationReport(artifact.Artifact):
     # import_class_by_path. So the name is `<package>.<Class>`, and
     # `components` re-exports the class (components/__init__.py).
     TYPE_NAME = "components.ValidationReport"
+
+
+class Tokenizer(artifact.Artifact):
+    """A SentencePiece tokenizer: `tokenizer.model` (the model proto) and
+    `tokenizer.json` (its facts: vocab size, special ids, sha256, how it was
+    made). Custom properties: vocab_size, pad_id, bos_id, eos_id, sha256,
+    source ("trained" or the user's file)."""
+
+    TYPE_NAME = "components.Tokenizer"  # <package>.<Class>: see ValidationReport

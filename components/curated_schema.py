@@ -23,12 +23,13 @@ file for ``tfx.components.ImportSchemaGen(schema_file=...)``."""
 import os
 
 from tensorflow_metadata.proto.v0 import schema_pb2
-from tfx.dsl.component.experimental.annotations import OutputArtifact, Parameter
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.dsl.io import fileio
 from tfx.types import standard_artifacts
 from tfx.utils import io_utils
 
+from components.artifacts import Tokenizer
 from data.tfrecord import FEATURE_KEY
 from model.checks import check_int
 
@@ -60,6 +61,16 @@ def write_schema(path: str, vocab_size: int, seq_len: int, feature_name: str = F
 
 @component
 def CuratedSchemaGen(schema: OutputArtifact[standard_artifacts.Schema],
-                     vocab_size: Parameter[int], seq_len: Parameter[int]):
-    os.makedirs(schema.uri, exist_ok=True)
+                     vocab_size: Parameter[int], seq_len: Parameter[int],
+                     tokenizer: InputArtifact[Tokenizer] = None):
+    """With a `tokenizer` (a run on text) the id range is the tokenizer's
+    vocabulary, which must be the model's (`vocab_size`, set from the same
+    tokenizer when the pipeline was built)."""
+    if tokenizer is not None:
+        pieces = tokenizer.get_int_custom_property("vocab_size")
+        if pieces != vocab_size:
+            raise ValueError(f"CuratedSchemaGen: the tokenizer has {pieces} pieces but the model's "
+                             f"vocab_size is {vocab_size}")
+        vocab_size = pieces
+    fileio.makedirs(schema.uri)
     write_schema(os.path.join(schema.uri, "schema.pbtxt"), vocab_size, seq_len)

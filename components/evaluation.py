@@ -141,8 +141,9 @@ def token_loss_upper_bound(vocab_size: int, optimal_loss: Optional[float], thres
 
 def data_optimal_loss(settings) -> Optional[float]:
     """The synthetic data's optimal per-token loss (a lower bound for
-    mixtures), computed from the settings; None for the user's TFRecords."""
-    if settings.examples_dir:
+    mixtures), computed from the settings; None for the user's TFRecords or
+    text (no optimum is known: only the uniform bound applies)."""
+    if settings.examples_dir or getattr(settings, "text_dir", None):
         return None
     import data
 

@@ -35,7 +35,9 @@ def _settings_from_args(args):
               "precision": args.precision, "enable_cache": not args.no_cache,
               "expert_parallel": args.expert_parallel,
               "gradient_accumulation": args.gradient_accumulation,
-              "examples_dir": args.examples_dir, "pipeline_root": args.pipeline_root,
+              "examples_dir": args.examples_dir, "text_dir": args.text_dir,
+              "vocab_size": args.vocab_size, "tokenizer_file": args.tokenizer,
+              "text_eval_fraction": args.text_eval_fraction, "pipeline_root": args.pipeline_root,
               "metadata_path": args.metadata_path, "serving_dir": args.serving_dir}
     if args.data_params is not None:
         values["data_params"] = json.loads(args.data_params)
@@ -199,6 +201,13 @@ def _add_settings_args(p) -> None:
     p.add_argument("--train-examples", type=int, default=4096)
     p.add_argument("--eval-examples", type=int, default=512)
     p.add_argument("--examples-dir", help="use your own TFRecords (<dir>/train/*, <dir>/eval/*)")
+    p.add_argument("--text-dir", help="train on your own UTF-8 text files (plain or .gz; one file = one "
+                                      "document): a tokenizer is trained on them, then they are packed to --seq-len")
+    p.add_argument("--vocab-size", type=int, help="with --text-dir: pieces of the trained SentencePiece BPE "
+                                                  "(default 2048); it sets the model's vocab_size")
+    p.add_argument("--tokenizer", help="with --text-dir: use this SentencePiece model file instead of training one")
+    p.add_argument("--text-eval-fraction", type=float, default=0.1,
+                   help="with --text-dir: share of the documents held out for eval")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=3e-3)

@@ -79,9 +79,16 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
         raise ValueError(f"baseline: must be one of {BASELINES}, got {baseline!r}")
     s = settings
     config = s.model_config
-    example_gen = _example_gen(s)
+    tokenizer_nodes, tokenizer = [], None
+    if s.text_dir:
+        from pipeline.text_data import text_example_gen
+
+        example_gen, tokenizer_nodes, tokenizer_gen = text_example_gen(s.text_data, s.seq_len, s.batch_size)
+        tokenizer = tokenizer_gen.outputs["tokenizer"]
+    else:
+        example_gen = _example_gen(s)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = CuratedSchemaGen(vocab_size=config.vocab_size, seq_len=s.seq_len)
+    schema_gen = CuratedSchemaGen(vocab_size=config.vocab_size, seq_len=s.seq_len, tokenizer=tokenizer)
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
     data_gate = DataValidationGate(anomalies=example_validator.outputs["anomalies"],
@@ -120,7 +127,7 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=s.path("serving"))))
 
-    components = [example_gen, statistics_gen, schema_gen, example_validator, data_gate,
+    components = [*(tokenizer_nodes or [example_gen]), statistics_gen, schema_gen, example_validator, data_gate,
                   trainer, *baseline_nodes, evaluator, checks, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=s.pipeline_name,

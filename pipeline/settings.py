@@ -35,6 +35,12 @@ class PipelineSettings:
     eval_examples: int = 512
     data_seed: int = 0
     examples_dir: Optional[str] = None  # ImportExampleGen over these TFRecords instead
+    # Or the user's own text (pipeline/text_data.py): a tokenizer trained on
+    # it (vocab_size) or given (tokenizer_file), documents held out for eval.
+    text_dir: Optional[str] = None
+    vocab_size: Optional[int] = None
+    tokenizer_file: Optional[str] = None
+    text_eval_fraction: float = 0.1
     # Training.
     train_steps: int = 300
     eval_steps: int = 8
@@ -69,6 +75,11 @@ class PipelineSettings:
             raise SettingsError(f"learning_rate: must be positive, got {self.learning_rate!r}")
         if self.precision not in PRECISIONS:
             raise SettingsError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.text_dir is not None and self.examples_dir is not None:
+            raise SettingsError("text_dir and examples_dir: give one source of data, not both")
+        if self.text_dir is None and (self.vocab_size is not None or self.tokenizer_file):
+            raise SettingsError("vocab_size / tokenizer_file: only with text_dir (--text-dir)")
+        self.text_data  # validates the text settings
         if self.examples_dir is None and self.eval_examples < self.batch_size:
             raise SettingsError(f"eval_examples ({self.eval_examples}) must be >= batch_size ({self.batch_size})")
         if self.examples_dir is not None and not _is_remote(self.examples_dir) \
@@ -84,7 +95,7 @@ class PipelineSettings:
         if self.seq_len > config.max_position_embeddings:
             raise SettingsError(f"seq_len {self.seq_len} exceeds the model's max_position_embeddings "
                                 f"{config.max_position_embeddings}")
-        if self.examples_dir is None:
+        if self.examples_dir is None and self.text_dir is None:
             self.data_spec  # validates the generator settings
         from components.validation_checks import GateThresholds
 
@@ -97,9 +108,28 @@ class PipelineSettings:
 
     # ----------------------------------------------------------- derived
     @property
-    def model_config(self) -> DeepSeekV3Config:
+    def text_data(self):
+        """The validated `TextData` of a run on text, else None."""
+        if self.text_dir is None:
+            return None
+        from pipeline.text_data import TextData, TextSettingsError
+
         try:
-            return get_preset(self.preset, **self.model_overrides)
+            return TextData(self.text_dir, self.vocab_size, self.tokenizer_file, self.text_eval_fraction)
+        except TextSettingsError as e:
+            raise SettingsError(str(e)) from None
+
+    @property
+    def model_config(self) -> DeepSeekV3Config:
+        overrides = dict(self.model_overrides)
+        if self.text_dir is not None:  # the tokenizer's vocabulary is the model's
+            vocab = self.text_data.resolved_vocab_size
+            if overrides.get("vocab_size", vocab) != vocab:
+                raise SettingsError(f"model_overrides.vocab_size {overrides['vocab_size']} differs from "
+                                    f"the tokenizer's {vocab}; the tokenizer sets it (--vocab-size)")
+            overrides["vocab_size"] = vocab
+        try:
+            return get_preset(self.preset, **overrides)
         except (TypeError, ConfigError) as e:
             raise SettingsError(f"model: {e}") from None
 
@@ -147,7 +177,8 @@ class PipelineSettings:
                           "batch": self.batch_size, "lr": self.learning_rate, "steps": self.train_steps,
                           "warmup": self.warmup_steps, "precision": self.precision, "seed": self.seed,
                           "accumulation": self.gradient_accumulation,
-                          "data": None if self.examples_dir else self.data_spec.to_dict(),
+                          "data": None if self.examples_dir or self.text_dir else self.data_spec.to_dict(),
+                          "text": self.text_data.identity() if self.text_dir else None,
                           "examples_dir": self.examples_dir,
                           "n": [self.train_examples, self.eval_examples]}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
