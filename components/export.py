@@ -158,8 +158,11 @@ def generate_fn(model):
     return generate
 
 
-def export_saved_model(model, seq_len: int, export_dir: str) -> str:
-    """Writes the SavedModel of `model` (the signatures above) to `export_dir`."""
+def export_saved_model(model, seq_len: int, export_dir: str, tokenizer_proto: bytes = None) -> str:
+    """Writes the SavedModel of `model` (the signatures above) to `export_dir`;
+    with the SentencePiece `tokenizer_proto` of a run on text also
+    ``generate_text`` (components/text_export.py) and a copy of the model
+    file at ``assets.extra/tokenizer.model``."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -180,5 +183,13 @@ def export_saved_model(model, seq_len: int, export_dir: str) -> str:
             tf.TensorSpec([], tf.int32, name="eos_id"),
             tf.TensorSpec([], tf.int32, name="seed"),
         ])
+    if tokenizer_proto:
+        from components.text_export import add_generate_text
+
+        add_generate_text(archive, model, tokenizer_proto)
     archive.write_out(export_dir, verbose=False)
+    if tokenizer_proto:
+        tf.io.gfile.makedirs(os.path.join(export_dir, "assets.extra"))
+        with tf.io.gfile.GFile(os.path.join(export_dir, "assets.extra", "tokenizer.model"), "wb") as f:
+            f.write(tokenizer_proto)
     return export_dir

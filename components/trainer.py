@@ -141,6 +141,22 @@ def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
     return rest()
 
 
+def examples_tokenizer(train_files) -> Optional[bytes]:
+    """The tokenizer model the Examples carry (a run on text:
+    components.text_example_gen), found from the train split's file pattern
+    (`<examples uri>/Split-train/*`); None for token data."""
+    import tensorflow as tf
+
+    from components.text_example_gen import tokenizer_for_examples
+
+    for pattern in train_files or []:
+        path = tokenizer_for_examples(os.path.dirname(os.path.dirname(pattern)))
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path, "rb") as f:
+                return f.read()
+    return None
+
+
 # --------------------------------------------------------------- weights
 def load_trained_model(config, weights_path: str):
     """A float32 TF-backend model holding the engine's trained weights
@@ -252,7 +268,8 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         log_fn(f"eval loss {evaluation['eval_loss']:.4f} (ppl {evaluation['eval_perplexity']:.2f})"
                f" over {evaluation['eval_batches']} batches")
     keras_path = export.save_keras_model(inference, os.path.join(artifact, KERAS_MODEL_PATH))
-    export.export_saved_model(inference, settings.seq_len, fn_args.serving_model_dir)
+    export.export_saved_model(inference, settings.seq_len, fn_args.serving_model_dir,
+                              tokenizer_proto=examples_tokenizer(fn_args.train_files))
 
     history = engine["loss_history"]
     last = history[-1] if history else {}

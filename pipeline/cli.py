@@ -167,15 +167,26 @@ def _parse_prompt(text: str, index: int):
 def _cmd_generate(args) -> int:
     # Every refusal is one line on stderr and exit code 2, never a traceback.
     try:
-        prompts = [_parse_prompt(p, i) for i, p in enumerate(args.prompt)]
+        if bool(args.prompt) == bool(args.text):
+            raise ValueError("generate: give --prompt (token ids) or --text (a model trained on text), not both"
+                             if args.prompt else "generate: give --prompt TOKEN_IDS or --text \"...\"")
+        prompts = [_parse_prompt(p, i) for i, p in enumerate(args.prompt or [])]
         import warnings
 
         # Library version notices (google.api_core on Python 3.10) would
         # break the one-line answer.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        from pipeline.serving import generate_from_pushed
+        from pipeline.serving import generate_from_pushed, generate_text_from_pushed
 
         serving = args.serving_dir or os.path.join(args.run_dir, "serving")
+        if args.text:
+            texts, version = generate_text_from_pushed(
+                serving, args.text, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                top_p=args.top_p, eos_id=args.eos_id)
+            print(f"model version {version}")
+            for prompt, text in zip(args.text, texts):
+                print(f"{prompt}{text}" if len(args.text) == 1 else f"{prompt!r} -> {text!r}")
+            return 0
         outputs, version = generate_from_pushed(
             serving, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed,
             top_p=args.top_p, eos_id=-1 if args.eos_id is None else args.eos_id)
@@ -351,8 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample from the latest pushed SavedModel")
     gen.add_argument("--run-dir", default="runs/default")
     gen.add_argument("--serving-dir")
-    gen.add_argument("--prompt", action="append", required=True,
+    gen.add_argument("--prompt", action="append",
                      help="comma-separated token ids (repeat for a batch)")
+    gen.add_argument("--text", action="append",
+                     help="a text prompt for a model trained on text (repeat for a batch); prints the "
+                          "prompt and its continuation")
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")

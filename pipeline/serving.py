@@ -57,3 +57,43 @@ def generate_from_pushed(serving_dir: str, prompts: Sequence[Sequence[int]], max
         raise GenerationRequestError(_request_error(e)) from None
     tokens, lengths = np.asarray(out["tokens"]).tolist(), np.asarray(out["lengths"]).tolist()
     return [row[:n] for row, n in zip(tokens, lengths)], os.path.basename(path)
+
+
+def generate_text_from_pushed(serving_dir: str, prompts: Sequence[str], max_new_tokens: int,
+                              temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                              top_p: float = 1.0, eos_id: int = None) -> Tuple[List[str], str]:
+    """Calls the latest pushed model's `generate_text` signature (a model
+    trained on text: the tokenizer is inside it); returns each prompt's
+    continuation and the model version. `eos_id` None = the tokenizer's eos
+    (the end of a document) stops a text; -1 = never stop early."""
+    import tensorflow as tf
+
+    from components.text_export import SIGNATURE, load_text_ops
+    from model.generation import GenerationRequestError
+
+    if max_new_tokens < 0:
+        raise GenerationRequestError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    path = latest_version(serving_dir)
+    load_text_ops()
+    loaded = tf.saved_model.load(path)
+    if SIGNATURE not in loaded.signatures:
+        raise GenerationRequestError(f"generate: the model at {path} was not trained on text (no "
+                                     f"{SIGNATURE} signature); give token ids with --prompt")
+    if eos_id is None:
+        eos_id = _tokenizer_eos(path)
+    try:
+        out = loaded.signatures[SIGNATURE](
+            prompts=tf.constant(list(prompts)), max_new_tokens=tf.constant(max_new_tokens, tf.int32),
+            temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k, tf.int32),
+            top_p=tf.constant(top_p, tf.float32), eos_id=tf.constant(eos_id, tf.int32),
+            seed=tf.constant(seed, tf.int32))
+    except tf.errors.InvalidArgumentError as e:
+        raise GenerationRequestError(_request_error(e)) from None
+    return [t.decode("utf-8", "replace") for t in out["texts"].numpy()], os.path.basename(path)
+
+
+def _tokenizer_eos(model_dir: str) -> int:
+    from data.text_tokenizer import describe
+
+    with open(os.path.join(model_dir, "assets.extra", "tokenizer.model"), "rb") as f:
+        return describe(f.read()).eos_id
