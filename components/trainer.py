@@ -266,6 +266,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "resumed": engine["resumed"],
         "final_step": engine["final_step"],
         "backend": engine["backend"],
+        "engine_environment": engine.get("engine_environment"),  # Python, JAX, jaxlib, Keras
         "precision": engine["precision"],
         "devices": engine["devices"],
         "num_devices": engine["num_devices"],
