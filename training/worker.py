@@ -4,7 +4,7 @@ Started by the Trainer adapter (components/trainer.py) with KERAS_BACKEND=jax,
 or by hand on a machine with JAX and no TensorFlow. SPEC:
 
     {"model_config": DeepSeekV3Config.to_dict(),
-     "engine": EngineSettings fields,
+     "engine": TrainingSettings.to_dict() (training.settings; defaults for what is left out),
      "tokens": "<.npy [micro-batches, B, S] int32>" | "stdin",
      "padding_mask": "<.npy, same shape>" | null,
      "output_dir": "<dir>",          # gets result.json and weights.npz
@@ -71,21 +71,22 @@ def main(argv=None) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    from model.config import DeepSeekV3Config
     from training.parallel import initialize_from_env
+    from training.settings import TrainingSettings
 
-    initialize_from_env(int(spec["engine"].get("seed", 0)))  # before any device is touched
+    config = DeepSeekV3Config.from_dict(spec["model_config"])
+    settings = TrainingSettings.from_dict(spec["engine"]).check_model(config)
+    initialize_from_env(settings.seed)  # before any device is touched
     import jax
     import numpy as np
 
-    from model.config import DeepSeekV3Config
-    from training.engine import Engine, EngineSettings
+    from training.engine import Engine
 
     def log(line: str) -> None:
         if jax.process_index() == 0:
             print(line, flush=True)
 
-    config = DeepSeekV3Config.from_dict(spec["model_config"])
-    settings = EngineSettings(**spec["engine"])
     devices = jax.devices()
     if spec.get("num_devices"):
         devices = devices[:int(spec["num_devices"])]
