@@ -62,8 +62,19 @@ class TextData:
             from data import text_tokenizer
 
             tokenizer = text_tokenizer.describe(text_tokenizer.read_model_file(self.tokenizer_file)).sha256
-        return {"text_dir": os.path.abspath(self.text_dir), "vocab_size": self.resolved_vocab_size,
-                "tokenizer": tokenizer, "eval_fraction": self.eval_fraction}
+        import hashlib
+
+        from data import text_corpus
+
+        # Names and sizes: a changed corpus is another training, without
+        # reading every file when the pipeline is built.
+        files = hashlib.sha256()
+        for doc in text_corpus.list_documents(self.text_dir):
+            size = os.path.getsize(os.path.join(self.text_dir, doc))
+            files.update(f"{doc}\0{size}\0".encode())
+        return {"text_dir": os.path.abspath(self.text_dir), "files": files.hexdigest(),
+                "vocab_size": self.resolved_vocab_size, "tokenizer": tokenizer,
+                "eval_fraction": self.eval_fraction}
 
 
 def text_example_gen(text: TextData, seq_len: int, batch_size: int):
