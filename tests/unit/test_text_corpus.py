@@ -72,6 +72,9 @@ def test_trained_bpe_has_the_vocab_byte_fallback_and_specials():
     ids = sp.encode(text)
     assert info.unk_id not in ids and sp.decode(ids) == text
     assert len(sp.encode("the Lord")) <= len("the Lord") // 2  # merges learned from the text
+    # The ExampleGen encodes line by line: the ids of the whole text.
+    doc = text_corpus.read_document(os.path.join(KJV, "65-jude.txt")) + "\n\n  indented\nlast"
+    assert [i for line in sp.encode(doc.split("\n")) for i in line] == sp.encode(doc)
 
 
 def test_tokenizer_file_that_does_not_parse(tmp_path):
