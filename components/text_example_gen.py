@@ -139,7 +139,7 @@ class TextExampleGenExecutor(base_beam_executor.BaseBeamExecutor):
         pipeline = self._make_beam_pipeline()
         for split in SPLIT_NAMES:
             docs = splits[split]
-            sizes = [os.path.getsize(os.path.join(text_dir, d)) for d in docs]
+            sizes = [text_corpus.file_size(os.path.join(text_dir, d)) for d in docs]
             shards = text_corpus.shard_documents(docs, sizes, shard_bytes)
             _ = (pipeline
                  | f"Shards[{split}]" >> beam.Create(shards)  # reshuffles: shards spread over workers

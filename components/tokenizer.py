@@ -50,7 +50,7 @@ def build_tokenizer(text_dir: str, vocab_size: int, eval_fraction: float,
              "train_bytes": sum(sizes[d] for d in train)}
     if tokenizer_file:
         proto = text_tokenizer.read_model_file(tokenizer_file)
-        facts["source"] = os.path.abspath(tokenizer_file)
+        facts["source"] = tokenizer_file
     else:
         started = time.perf_counter()
         proto = text_tokenizer.train_bpe(text_corpus.iter_lines(text_dir, train), vocab_size)

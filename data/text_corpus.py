@@ -37,20 +37,48 @@ class TextCorpusError(ValueError):
     """A text directory or file that cannot be a corpus; names the path."""
 
 
+def is_remote(path: str) -> bool:
+    """gs://, s3://, ...: read through TensorFlow's filesystems (in the pods)."""
+    return "://" in str(path)
+
+
+def file_size(path: str) -> int:
+    if is_remote(path):
+        import tensorflow as tf
+
+        return int(tf.io.gfile.stat(path).length)
+    return os.path.getsize(path)
+
+
+def _read_bytes(path: str) -> bytes:
+    if is_remote(path):
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def list_documents(text_dir: str) -> List[str]:
     """Relative paths (``/``-separated, sorted) of the documents under
     `text_dir`; raises TextCorpusError when it is missing or has none."""
-    if not os.path.isdir(text_dir):
+    if is_remote(text_dir):
+        import tensorflow as tf
+
+        isdir, walk = tf.io.gfile.isdir, tf.io.gfile.walk
+    else:
+        isdir, walk = os.path.isdir, os.walk
+    if not isdir(text_dir):
         raise TextCorpusError(f"text_dir {text_dir!r} is not a directory")
     found = []
-    for root, dirs, files in os.walk(text_dir):
+    for root, dirs, files in walk(text_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if name.startswith("."):
                 continue
             path = os.path.join(root, name)
-            if os.path.isfile(path):
-                found.append(os.path.relpath(path, text_dir).replace(os.sep, "/"))
+            found.append(os.path.relpath(path, text_dir).replace(os.sep, "/"))
     if not found:
         raise TextCorpusError(f"text_dir {text_dir!r} holds no text files")
     return sorted(found)
@@ -60,8 +88,7 @@ def read_document(path: str) -> str:
     """The UTF-8 text of one file (gzip-compressed or plain). A binary file
     (NUL bytes), broken gzip or invalid UTF-8 raises TextCorpusError naming
     the file and where."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = _read_bytes(path)
     if raw[:2] == GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)

@@ -65,11 +65,14 @@ def describe(model_proto: bytes, source: str = "tokenizer") -> TokenizerInfo:
 
 def read_model_file(path: str) -> bytes:
     """The bytes of a SentencePiece model file, checked (TokenizerError names it)."""
+    from data.text_corpus import _read_bytes
+
     try:
-        with open(path, "rb") as f:
-            proto = f.read()
+        proto = _read_bytes(path)  # local, or gs:// etc. through TensorFlow
     except OSError as e:
         raise TokenizerError(f"tokenizer {path!r}: {e.strerror or e}") from None
+    except Exception as e:  # tf.errors.NotFoundError and friends for remote paths
+        raise TokenizerError(f"tokenizer {path!r}: {' '.join(str(e).split())[:200]}") from None
     describe(proto, f"tokenizer {path}")
     return proto
 

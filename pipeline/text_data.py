@@ -33,7 +33,10 @@ class TextData:
         from data import text_corpus, text_tokenizer
 
         try:
-            text_corpus.list_documents(self.text_dir)  # a directory with at least one file
+            if not text_corpus.is_remote(self.text_dir):
+                # A remote URI is checked where it is read (TokenizerGen's pod): the
+                # compiling machine may have no credentials for the bucket.
+                text_corpus.list_documents(self.text_dir)  # a directory with at least one file
             if not 0 < self.eval_fraction < 1:
                 raise TextSettingsError(f"text_eval_fraction: must be in (0, 1), got {self.eval_fraction!r}")
             if self.tokenizer_file:
@@ -69,12 +72,19 @@ class TextData:
         # Names and sizes: a changed corpus is another training, without
         # reading every file when the pipeline is built.
         files = hashlib.sha256()
-        for doc in text_corpus.list_documents(self.text_dir):
-            size = os.path.getsize(os.path.join(self.text_dir, doc))
-            files.update(f"{doc}\0{size}\0".encode())
-        return {"text_dir": os.path.abspath(self.text_dir), "files": files.hexdigest(),
+        if not text_corpus.is_remote(self.text_dir):
+            for doc in text_corpus.list_documents(self.text_dir):
+                size = os.path.getsize(os.path.join(self.text_dir, doc))
+                files.update(f"{doc}\0{size}\0".encode())
+        return {"text_dir": _absolute(self.text_dir), "files": files.hexdigest(),
                 "vocab_size": self.resolved_vocab_size, "tokenizer": tokenizer,
                 "eval_fraction": self.eval_fraction}
+
+
+def _absolute(path: str) -> str:
+    from data.text_corpus import is_remote
+
+    return path if is_remote(path) else os.path.abspath(path)
 
 
 def text_example_gen(text: TextData, seq_len: int, batch_size: int):
@@ -82,11 +92,11 @@ def text_example_gen(text: TextData, seq_len: int, batch_size: int):
     from components.text_example_gen import TextExampleGen
     from components.tokenizer import TokenizerGen
 
-    tokenizer = TokenizerGen(text_dir=os.path.abspath(text.text_dir),
+    tokenizer = TokenizerGen(text_dir=_absolute(text.text_dir),
                              vocab_size=text.resolved_vocab_size,
                              eval_fraction=text.eval_fraction,
-                             tokenizer_file=os.path.abspath(text.tokenizer_file) if text.tokenizer_file else "")
+                             tokenizer_file=_absolute(text.tokenizer_file) if text.tokenizer_file else "")
     example_gen = TextExampleGen(tokenizer=tokenizer.outputs["tokenizer"],
-                                 text_dir=os.path.abspath(text.text_dir), seq_len=seq_len,
+                                 text_dir=_absolute(text.text_dir), seq_len=seq_len,
                                  eval_fraction=text.eval_fraction, min_eval_rows=batch_size)
     return example_gen, [tokenizer, example_gen], tokenizer

@@ -149,3 +149,17 @@ def test_bad_text_settings_exit_2_and_write_nothing(tmp_path):
     out = _cli("run", "--run-dir", str(tmp_path / "r2"), "--text-dir", KJV, "--tokenizer", str(junk))
     assert out.returncode == 2 and f"tokenizer {junk}: not a SentencePiece model" in out.stderr
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_kubeflow_compiles_the_text_front(tmp_path):
+    out = _cli("compile", "--output", str(tmp_path / "p.json"), "--image", "reg/deepseek-tfx:1",
+               "--pipeline-root", "gs://bucket/root", "--text-dir", "gs://bucket/corpus", "--vocab-size", "512")
+    assert out.returncode == 0, out.stderr
+    spec = json.loads((tmp_path / "p.json").read_text())["pipelineSpec"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"TokenizerGen", "TextExampleGen"} <= set(tasks)
+    gen = tasks["TextExampleGen"]
+    assert gen["inputs"]["artifacts"]["tokenizer"]["taskOutputArtifact"]["producerTask"] == "TokenizerGen"
+    params = gen["inputs"]["parameters"]
+    assert params["text_dir"]["runtimeValue"]["constant"] == "gs://bucket/corpus"
+    assert "components.Tokenizer" in json.dumps(spec["components"])
