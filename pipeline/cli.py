@@ -136,13 +136,16 @@ def _cmd_inspect(args) -> int:
     import json
 
     from pipeline.inspect_metadata import collect, render, to_dot
+    from pipeline.quiet import quiet_stderr
 
     path = args.metadata_path or os.path.join(args.run_dir, "metadata.sqlite")
-    try:
-        info = collect(path)
-    except FileNotFoundError as e:
-        print(f"deepseek-tfx inspect: {e}", file=sys.stderr)
-        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_stderr() as err:
+        try:
+            info = collect(path)
+        except FileNotFoundError as e:
+            print(f"deepseek-tfx inspect: {e}", file=err)
+            return 2
     if args.dot:
         with open(args.dot, "w") as f:
             f.write(to_dot(info))
@@ -165,6 +168,14 @@ def _parse_prompt(text: str, index: int):
 
 
 def _cmd_generate(args) -> int:
+    from pipeline.quiet import quiet_stderr
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with quiet_stderr() as err:
+        return _generate(args, err)
+
+
+def _generate(args, err) -> int:
     # Every refusal is one line on stderr and exit code 2, never a traceback.
     try:
         if bool(args.prompt) == bool(args.text):
@@ -193,7 +204,7 @@ def _cmd_generate(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         message = " ".join(str(e).split())
         prefix = "" if message.startswith("generate: ") else "generate: "
-        print(f"deepseek-tfx {prefix}{message}", file=sys.stderr)
+        print(f"deepseek-tfx {prefix}{message}", file=err)
         return 2
     print(f"model version {version}")
     for prompt, out in zip(prompts, outputs):
