@@ -25,8 +25,8 @@ TINY_TEXT = ["--preset", "tiny", "--vocab-size", "512", "--seq-len", "32", "--st
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=900)
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=1800)
 
 
 @pytest.fixture(scope="module")

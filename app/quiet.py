@@ -2,7 +2,7 @@
 stderr (TensorFlow's C++ and XLA start-up lines, absl's pre-init notice,
 library FutureWarnings and TFMA's deprecation notices) is dropped at the
 file descriptor, where C++ writes it; our own lines go to the real stderr.
-`run` keeps its own console (pipeline/console.py), which logs the same
+`run` keeps its own console (app/console.py), which logs the same
 output to a file instead."""
 
 from __future__ import annotations
