@@ -162,7 +162,10 @@ def render(info: Dict[str, Any], print_fn=print) -> None:
     for a in info["artifacts"]:
         shown = {k: v for k, v in a["properties"].items()
                  if k in ("split_names", "optimal_loss", "blessed", "eval_loss", "pushed",
-                          "pushed_version", "num_train", "num_eval", "name", "producer_component")}
+                          "pushed_version", "num_train", "num_eval", "name", "producer_component",
+                          # a run on text: the tokenizer and what the text ExampleGen read
+                          "vocab_size", "source", "train_documents", "eval_documents",
+                          "train_bytes", "eval_bytes", "train_tokens", "eval_tokens")}
         print_fn(f"  #{a['id']:<4} {a['type']:<26} {a['uri']}")
         if shown:
             print_fn(f"        {json.dumps(shown, default=str)}")
