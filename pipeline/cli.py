@@ -36,7 +36,8 @@ def _settings_from_args(args):
               "expert_parallel": args.expert_parallel,
               "gradient_accumulation": args.gradient_accumulation,
               "examples_dir": args.examples_dir, "pipeline_root": args.pipeline_root,
-              "metadata_path": args.metadata_path, "serving_dir": args.serving_dir}
+              "metadata_path": args.metadata_path, "serving_dir": args.serving_dir,
+              "metadata_mysql": getattr(args, "metadata_mysql", None)}
     if args.data_params is not None:
         values["data_params"] = json.loads(args.data_params)
     elif args.data != "markov":
@@ -70,8 +71,15 @@ def _run_pipeline(args, console) -> int:
         print(f"deepseek-tfx run: invalid settings: {e}", file=console.terminal_err)
         return EXIT_INVALID_SETTINGS
     from pipeline.local_runner import new_run_id, run_local
+    from pipeline.metadata_store import MetadataStoreError, target_of
     from pipeline.run_report import run_outcome
 
+    metadata = target_of(settings)
+    try:
+        metadata.check()  # a wrong password or an unreachable server: one line, nothing run
+    except MetadataStoreError as e:
+        print(f"deepseek-tfx run: {e}", file=console.terminal_err)
+        return EXIT_FAILED
     run_id = new_run_id()
     run_dir = os.path.abspath(settings.run_dir)
     log = console.attach(os.path.join(run_dir, "logs", f"run-{run_id.replace(':', '')}.log"))
@@ -84,7 +92,7 @@ def _run_pipeline(args, console) -> int:
         console.log_exception(e)
         _report_failure(console, settings, run_id, e)
         return EXIT_FAILED
-    outcome = run_outcome(settings.path("metadata"), run_id)
+    outcome = run_outcome(metadata, run_id)
     console.say()
     if outcome.pushed is not None:
         version = outcome.pushed.get("pushed_version")
@@ -115,7 +123,9 @@ def _report_failure(console, settings, run_id, error) -> None:
     component = console.events.running if console.events else None
     if component is None:
         try:
-            failed = run_outcome(settings.path("metadata"), run_id).failed
+            from pipeline.metadata_store import target_of
+
+            failed = run_outcome(target_of(settings), run_id).failed
             component = failed[0] if failed else None
         except Exception:  # no record of the run (it failed before any component)
             component = None
@@ -134,11 +144,11 @@ def _cmd_inspect(args) -> int:
     import json
 
     from pipeline.inspect_metadata import collect, render, to_dot
+    from pipeline.metadata_store import MetadataStoreError
 
-    path = args.metadata_path or os.path.join(args.run_dir, "metadata.sqlite")
     try:
-        info = collect(path)
-    except FileNotFoundError as e:
+        info = collect(_metadata_target(args))
+    except (FileNotFoundError, MetadataStoreError, ValueError) as e:
         print(f"deepseek-tfx inspect: {e}", file=sys.stderr)
         return 2
     if args.dot:
@@ -149,6 +159,15 @@ def _cmd_inspect(args) -> int:
     else:
         render(info)
     return 0
+
+
+def _metadata_target(args):
+    """The store `inspect` and `generate` read: --metadata-mysql, else the
+    SQLite file (--metadata-path, else <run-dir>/metadata.sqlite)."""
+    from pipeline.metadata_store import MetadataTarget
+
+    return MetadataTarget.of(getattr(args, "metadata_path", None)
+                             or os.path.join(args.run_dir, "metadata.sqlite"), args.metadata_mysql)
 
 
 def _parse_prompt(text: str, index: int):
@@ -163,6 +182,8 @@ def _parse_prompt(text: str, index: int):
 
 
 def _cmd_generate(args) -> int:
+    from pipeline.metadata_store import MetadataStoreError
+
     # Every refusal is one line on stderr and exit code 2, never a traceback.
     try:
         prompts = [_parse_prompt(p, i) for i, p in enumerate(args.prompt)]
@@ -171,13 +192,16 @@ def _cmd_generate(args) -> int:
         # Library version notices (google.api_core on Python 3.10) would
         # break the one-line answer.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        from pipeline.serving import generate_from_pushed
+        from pipeline.serving import generate_from_pushed, pushed_from_metadata
 
         serving = args.serving_dir or os.path.join(args.run_dir, "serving")
+        # With a shared store the model is the newest one it records as pushed.
+        version_dir = pushed_from_metadata(_metadata_target(args)) if args.metadata_mysql else None
         outputs, version = generate_from_pushed(
             serving, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-            top_p=args.top_p, eos_id=-1 if args.eos_id is None else args.eos_id)
-    except (FileNotFoundError, ValueError) as e:
+            top_p=args.top_p, eos_id=-1 if args.eos_id is None else args.eos_id,
+            version_dir=version_dir)
+    except (FileNotFoundError, ValueError, MetadataStoreError) as e:
         message = " ".join(str(e).split())
         prefix = "" if message.startswith("generate: ") else "generate: "
         print(f"deepseek-tfx {prefix}{message}", file=sys.stderr)
@@ -305,6 +329,12 @@ def _cmd_deploy(args) -> int:
     return 0
 
 
+def _add_mysql_arg(p) -> None:
+    p.add_argument("--metadata-mysql", metavar="mysql://USER@HOST:PORT/DB",
+                   help="ML Metadata in this MySQL/MariaDB database instead of SQLite (created on first "
+                        "use; password from $DEEPSEEK_TFX_MYSQL_PASSWORD; ?unix_socket=PATH for a socket)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-tfx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--beam-arg", action="append", help="a Beam pipeline argument (repeatable)")
     run.add_argument("--pipeline-root")
     run.add_argument("--metadata-path")
+    _add_mysql_arg(run)
     run.add_argument("--serving-dir")
     run.add_argument("--verbose", action="store_true",
                      help="show third-party output (warnings, TFX/absl logging, TensorFlow's C++ lines) on "
@@ -335,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show a run's ML Metadata record")
     inspect.add_argument("--run-dir", default="runs/default")
     inspect.add_argument("--metadata-path")
+    _add_mysql_arg(inspect)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--dot", help="also write the lineage graph as Graphviz to this file")
     inspect.set_defaults(func=_cmd_inspect)
@@ -342,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample from the latest pushed SavedModel")
     gen.add_argument("--run-dir", default="runs/default")
     gen.add_argument("--serving-dir")
+    _add_mysql_arg(gen)
     gen.add_argument("--prompt", action="append", required=True,
                      help="comma-separated token ids (repeat for a batch)")
     gen.add_argument("--max-new-tokens", type=int, default=16)

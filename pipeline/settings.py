@@ -56,6 +56,9 @@ class PipelineSettings:
     # Paths (default: under run_dir).
     pipeline_root: Optional[str] = None
     metadata_path: Optional[str] = None
+    # ML Metadata on MySQL/MariaDB instead of the SQLite file
+    # (pipeline.metadata_store: mysql://USER@HOST:PORT/DB[?unix_socket=PATH]).
+    metadata_mysql: Optional[str] = None
     serving_dir: Optional[str] = None
 
     def __post_init__(self):
@@ -76,6 +79,13 @@ class PipelineSettings:
             # A remote URI (gs://, s3://, ...) is checked where it is read: the
             # compiling machine may have no credentials for the bucket.
             raise SettingsError(f"examples_dir: {self.examples_dir!r} is not a directory")
+        if self.metadata_mysql is not None:
+            from pipeline.metadata_store import MySQLAddress
+
+            try:
+                MySQLAddress.parse(self.metadata_mysql)
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
         config = self.model_config  # validates the preset and overrides
         if self.expert_parallel > 1 and (not config.n_routed_experts
                                          or config.n_routed_experts % self.expert_parallel):

@@ -5,6 +5,8 @@
 # pipeline's). Extra arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The ML Metadata on MySQL tests start a throwaway MariaDB from these binaries.
+scripts/ensure_mariadb.sh
 echo "== ruff check"
 .venv/bin/ruff check .
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONHASHSEED=0
