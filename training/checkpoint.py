@@ -5,8 +5,11 @@ variables (step counter, moments) keyed by position, and the step.
 One `.npz` per checkpoint holding full (gathered) arrays, so a checkpoint is
 independent of the mesh it was written on: restoring lays each array out
 with the sharding of the variable it goes into (1 device -> 8, DP -> EP).
-Written atomically (temporary file, fsync, rename) by process 0; the last
-`keep` are kept. A `trainer_state.json` fingerprint refuses resuming a
+Written atomically (temporary file, fsync, rename, fsync of the directory)
+by process 0; a failed write removes its temporary file (a disk-full retry
+starts clean); with several processes every one waits at a barrier until
+the file is in place, not in the next collective (gloo gives up after
+30 s). The last `keep` are kept. A `trainer_state.json` fingerprint refuses resuming a
 different training setup.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -33,11 +36,14 @@ def relative_path(variable) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, fingerprint: dict, keep: int = 2, is_writer: bool = True):
+    def __init__(self, directory: str, fingerprint: dict, keep: int = 2, is_writer: bool = True,
+                 barrier: Optional[Callable[[str], None]] = None):
         self.directory = directory
         self.fingerprint = fingerprint
         self.keep = keep
         self.is_writer = is_writer
+        # Called by every process after each save (a name per checkpoint).
+        self.barrier = barrier
 
     def steps(self) -> List[int]:
         if not os.path.isdir(self.directory):
@@ -66,22 +72,21 @@ class Checkpointer:
                 f"(differing: {differ}); point training.checkpoint_dir at a fresh directory")
 
     def save(self, step: int, arrays: Dict[str, np.ndarray]) -> Optional[str]:
-        """Writes ckpt-<step>.npz atomically (process 0 only)."""
-        if not self.is_writer:
-            return None
-        os.makedirs(self.directory, exist_ok=True)
-        state_path = os.path.join(self.directory, STATE_FILE)
-        if not os.path.exists(state_path):
-            _atomic_write_text(state_path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
-        final = self.path(step)
-        tmp = final + f".tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, __step__=np.asarray(step, np.int64), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # atomic: a reader sees the old set or the new file
-        for old in self.steps()[:-self.keep]:
-            os.remove(self.path(old))
+        """Writes ckpt-<step>.npz atomically (process 0), then meets the
+        other processes at the barrier."""
+        final = None
+        if self.is_writer:
+            os.makedirs(self.directory, exist_ok=True)
+            state_path = os.path.join(self.directory, STATE_FILE)
+            if not os.path.exists(state_path):
+                _atomic_write_text(state_path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
+            final = self.path(step)
+            _atomic_write(final, lambda f: np.savez(f, __step__=np.asarray(step, np.int64), **arrays))
+            for old in self.steps()[:-self.keep]:
+                os.remove(self.path(old))
+            _fsync_dir(self.directory)
+        if self.barrier is not None:
+            self.barrier(f"checkpoint-{step}")
         return final
 
     def load(self, step: int) -> Dict[str, np.ndarray]:
@@ -93,8 +98,33 @@ class Checkpointer:
         return arrays
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def _atomic_write(path: str, write: Callable) -> None:
+    """write(file) into a temporary file, fsync, rename over `path`, fsync
+    the directory (the rename itself survives a crash). Any failure removes
+    the temporary file and re-raises."""
     tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old set or the new file
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))

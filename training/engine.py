@@ -376,7 +376,8 @@ class Engine:
             raise ValueError(f"tokens: {len(tokens)} micro-batches for {s.train_steps} steps x "
                              f"{A} accumulation")
         checkpointer = (Checkpointer(s.checkpoint_dir, self.fingerprint,
-                                     is_writer=jax.process_index() == 0)
+                                     is_writer=jax.process_index() == 0,
+                                     barrier=_wait_for_all_processes)
                         if s.checkpoint_dir else None)
         tv, ntv, ov = self._state()
         start_step = 0
