@@ -309,6 +309,24 @@ def test_empty_train_split_is_refused_before_the_engine_starts(tmp_path, example
     assert not os.path.exists(os.path.join(fn_args.model_run_dir, "engine", "spec.json"))
 
 
+@pytest.mark.parametrize("split, bad", [("train", 64), ("train", -1), ("eval", 2 ** 32), ("eval", -5)])
+def test_token_ids_outside_the_vocab_are_a_data_error_naming_the_split(tmp_path, examples, split, bad):
+    """A user's own TFRecords with ids the model has no embedding for (or
+    negative ones, which would wrap) stop before the engine starts, as a
+    data error, not as a divergence."""
+    broken = tmp_path / "examples"
+    shutil.copytree(examples, broken)
+    path = broken / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz"
+    rows = generate(SPEC, 192 if split == "train" else 64).astype(np.int64)
+    rows[:, 3] = bad  # in every batch, the first included
+    write_tfrecords(str(path), rows)
+    fn_args = _fn_args(tmp_path, str(broken), train_steps=2)
+    with pytest.raises(trainer.TokenDataError, match=rf"^{split} split: batch 0 holds \d+ token id\(s\) "
+                                                     rf"outside the model's vocabulary \[0, 64\)"):
+        trainer.run_fn(fn_args, log_fn=lambda line: None)
+    assert not os.path.exists(os.path.join(fn_args.model_run_dir, "engine", "spec.json"))
+
+
 def test_absurd_learning_rate_stops_with_divergence_error(tmp_path, examples):
     fn_args = _fn_args(tmp_path, examples, train_steps=30, learning_rate=1e6, warmup_steps=0,
                        grad_clip_norm=None, checkpoint_every=2, log_every=1)
