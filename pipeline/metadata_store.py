@@ -9,12 +9,15 @@ refusals into one line."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+import time
 import urllib.parse
 from typing import Optional
 
 PASSWORD_ENV = "DEEPSEEK_TFX_MYSQL_PASSWORD"
+_SCHEMA_RACE_RETRIES = 10
 DEFAULT_MYSQL_PORT = 3306
 _DB_NAME = re.compile(r"^[A-Za-z0-9_$]{1,64}$")
 
@@ -112,13 +115,19 @@ class MetadataTarget:
 
         if self.mysql is None and not os.path.exists(self.sqlite_path):
             raise FileNotFoundError(f"no ML Metadata store at {self.sqlite_path} (has the pipeline run?)")
-        try:
-            # MLMD's C++ side logs a multi-line advice to fd 2 on every failed
-            # MySQL connect; our one line replaces it.
-            with _quiet_stderr():
-                return metadata_store.MetadataStore(self.connection_config(readonly))
-        except Exception as e:  # noqa: BLE001 - MLMD raises its own error types per status code
-            raise MetadataStoreError(self.explain(e)) from None
+        for attempt in range(_SCHEMA_RACE_RETRIES + 1):
+            try:
+                # MLMD's C++ side logs a multi-line advice to fd 2 on every
+                # failed MySQL connect; our one line replaces it.
+                with _quiet_stderr():
+                    return metadata_store.MetadataStore(self.connection_config(readonly))
+            except Exception as e:  # noqa: BLE001 - MLMD raises its own error types per status code
+                # Two runs opening a new database at once: one creates the
+                # schema, the other is told to retry (MLMD's own advice).
+                if "concurrent connection" in str(e) and attempt < _SCHEMA_RACE_RETRIES:
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise MetadataStoreError(self.explain(e)) from None
 
     def check(self) -> None:
         """Opens (creating the database and schema when missing) and closes
@@ -194,6 +203,31 @@ class _quiet_stderr:
         if data and exc_type is None:
             os.write(2, data)
         return False
+
+
+_PASSWORD_FIELD = re.compile(r'(password\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def redact(text: str) -> str:
+    """`password: "..."` (a ConnectionConfig in text format) -> `password: "***"`."""
+    return _PASSWORD_FIELD.sub(r'\1"***"', text)
+
+
+class _RedactPasswords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "password" in message:
+            record.msg, record.args = redact(message), None
+        return True
+
+
+def redact_passwords_in_logs() -> None:
+    """TFX logs the pipeline IR and the ML Metadata connection config at
+    INFO, the MySQL password included; this filter on absl's logger (the one
+    TFX writes to) masks it before any handler sees it. Idempotent."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _RedactPasswords) for f in logger.filters):
+        logger.addFilter(_RedactPasswords())
 
 
 def target_of(settings) -> MetadataTarget:

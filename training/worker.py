@@ -31,6 +31,30 @@ import os
 import sys
 
 DIVERGED_EXIT = 3
+# A failure the engine can name (mesh, checkpoint mismatch, the token stream
+# ending early, out of device memory): one line `engine error: ...` on stdout
+# (launch.failure_paragraph reads it), the traceback on stderr for the log.
+ENGINE_ERROR_EXIT = 4
+ENGINE_ERROR_PREFIX = "engine error:"
+
+
+def named_error(error: BaseException):
+    """The one-line account of an error the engine knows, or None."""
+    from training.checkpoint import CheckpointMismatchError
+    from training.parallel import MeshError
+
+    text = " ".join(str(error).split())
+    if isinstance(error, MeshError):
+        return f"the device mesh cannot run this training: {text}"
+    if isinstance(error, CheckpointMismatchError):
+        return f"the checkpoint does not fit this training: {text}"
+    if isinstance(error, EOFError):
+        return f"the training batches ended early: {text}"
+    if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
+        first = text.split(" Traceback")[0][:300]
+        return (f"out of device memory (RESOURCE_EXHAUSTED): lower batch_size, seq_len or the model "
+                f"size, or use gradient_accumulation / more devices ({first})")
+    return None
 
 
 def json_safe(value):
@@ -59,6 +83,21 @@ def sharding_report(engine) -> dict:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except Exception as e:  # noqa: BLE001 - named or not, the traceback goes to the log
+        message = named_error(e)
+        if message is None:
+            raise
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        print(f"{ENGINE_ERROR_PREFIX} {message}", flush=True)
+        return ENGINE_ERROR_EXIT
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m training.worker SPEC.json", file=sys.stderr)
