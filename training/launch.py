@@ -81,20 +81,27 @@ def _tie_to_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+def spawn(argv, cwd: str, env: Dict[str, str], stdin=None, log_path: Optional[str] = None) -> subprocess.Popen:
+    """A child tied to this process (see the module docstring), its stdout
+    and stderr merged into one text pipe read as UTF-8 with replacement."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                            bufsize=1, preexec_fn=_tie_to_parent(os.getpid()))
+    proc.log_path = log_path
+    return proc
+
+
 def start_worker(spec: dict, spec_path: str, env: Dict[str, str], stdin=None) -> subprocess.Popen:
-    os.makedirs(os.path.dirname(os.path.abspath(spec_path)), exist_ok=True)
+    spec_path = os.path.abspath(spec_path)
+    os.makedirs(os.path.dirname(spec_path), exist_ok=True)
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     python = env.get(ENGINE_PYTHON) or sys.executable
     # With another interpreter the working directory must not shadow its
     # site-packages (python -m puts the cwd first on sys.path).
-    cwd = ROOT if python == sys.executable else os.path.dirname(os.path.abspath(spec_path))
-    proc = subprocess.Popen([python, "-u", "-m", "training.worker", os.path.abspath(spec_path)],
-                            cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
-                            bufsize=1, preexec_fn=_tie_to_parent(os.getpid()))
-    proc.log_path = os.path.join(os.path.dirname(os.path.abspath(spec_path)), "engine.log")
-    return proc
+    cwd = ROOT if python == sys.executable else os.path.dirname(spec_path)
+    return spawn([python, "-u", "-m", "training.worker", spec_path], cwd, env, stdin,
+                 log_path=os.path.join(os.path.dirname(spec_path), "engine.log"))
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
