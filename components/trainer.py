@@ -200,7 +200,7 @@ def _write_tensorboard(log_dir: str, history) -> None:
         for h in history:
             step = h["step"]
             for key in ("loss", "next_token_loss", "perplexity", "learning_rate",
-                        "tokens_per_second"):
+                        "tokens_per_second", "max_grad_norm"):
                 if h.get(key) is not None:
                     tf.summary.scalar(f"train/{key}", h[key], step=step)
             for layer, s in (h.get("experts") or {}).items():

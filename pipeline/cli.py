@@ -94,7 +94,11 @@ def _run_pipeline(args, console) -> int:
         return EXIT_FAILED
     outcome = run_outcome(metadata, run_id)
     console.say()
-    if outcome.pushed is not None:
+    if outcome.pushed is not None and outcome.pushed.get("already_pushed") == 1:
+        console.say(f"Model unchanged: already served as version {outcome.pushed.get('pushed_version')} "
+                    f"in {settings.path('serving')}; nothing new pushed")
+        code = EXIT_PUSHED
+    elif outcome.pushed is not None:
         version = outcome.pushed.get("pushed_version")
         console.say(f"Model blessed and pushed to {settings.path('serving')}"
                     + (f" (version {version})" if version else ""))

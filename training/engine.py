@@ -269,8 +269,14 @@ class Engine:
             if gamma > 0:
                 for i, b, load in zip(bias_idx, bias0, loads):
                     ntv[i] = ops.cast(router_bias_update(b, load, gamma), b.dtype)
+            # The global norm of this step's gradients (float8 scale
+            # bookkeeping excluded): a finite loss can come with non-finite
+            # gradients, which the update would write into every weight.
+            grad_norm = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32")))
+                                     for g, ow in zip(grads, overwrite) if not ow))
             tv, ov = optimizer.stateless_apply(ov, grads, tv)
             metrics = {"loss": loss_sum / accumulation, "ce": ce_sum / accumulation,
+                       "grad_norm": grad_norm,
                        "load": ops.stack(loads) if loads else ops.zeros((0,)),
                        "dropped": ops.stack([ntv[i] for i in dropped_idx]) if loads
                        else ops.zeros((0,)),
@@ -400,7 +406,7 @@ class Engine:
         run_start = interval_start = time.perf_counter()
         interval_start_step = start_step
         first_step_seconds = None
-        interval_loss = interval_ce = 0.0
+        interval_loss = interval_ce = interval_grad_norm = 0.0
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
         compiled = None
         with dtype_policy(self.policy):
@@ -417,22 +423,27 @@ class Engine:
                 if first_step_seconds is None:
                     first_step_seconds = time.perf_counter() - t0
                 done = step + 1
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
+                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    # Raised before this step's state can reach a checkpoint.
                     where = (f"the last good checkpoint is step {last_checkpoint} in "
                              f"{s.checkpoint_dir}" if last_checkpoint else
                              "no checkpoint was written in this run")
+                    what = (f"loss is {loss}" if not math.isfinite(loss) else
+                            f"the gradient norm is {grad_norm} (loss {loss:.4f})")
                     raise TrainingDiverged(
-                        f"training diverged: loss is {loss} at step {done} (learning rate "
+                        f"training diverged: {what} at step {done} (learning rate "
                         f"{warmup_cosine_lr(step, s.learning_rate, s.warmup_steps, s.train_steps):.3g}"
                         f"); {where}. Lower training.learning_rate or raise warmup_steps.")
                 interval_loss += loss
                 interval_ce += float(m["ce"])
+                interval_grad_norm = max(interval_grad_norm, grad_norm)
                 load, dropped = np.asarray(m["load"], np.float64), np.asarray(m["dropped"], np.float64)
                 interval_load = load if interval_load is None else interval_load + load
                 interval_dropped = dropped if interval_dropped is None else interval_dropped + dropped
                 if s.record_history:
                     steps_log.append({"step": done, "loss": loss, "ce": float(m["ce"]),
+                                      "grad_norm": grad_norm,
                                       "load": m["load"].tolist(), "bias": m["bias"].tolist(),
                                       "micro_load": m["micro_load"].tolist()
                                       if "micro_load" in m else None})
@@ -454,11 +465,13 @@ class Engine:
                         balance = f" | expert max/min {worst:.2f}"
                     history.append({"step": done, "loss": loss_mean, "next_token_loss": ce_mean,
                                     "perplexity": ppl, "learning_rate": lr,
+                                    "max_grad_norm": interval_grad_norm,
                                     "tokens_per_second": tps, "experts": last_experts})
                     self.log_fn(f"step {done:>{width}}/{s.train_steps} | loss {loss_mean:.4f} | "
                                 f"ppl {ppl:.2f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                                f"ETA {_format_duration(eta)}{balance}")
-                    interval_loss = interval_ce = 0.0
+                                f"ETA {_format_duration(eta)}{balance} | grad norm max "
+                                f"{interval_grad_norm:.3g}")
+                    interval_loss = interval_ce = interval_grad_norm = 0.0
                     interval_load = interval_dropped = None
                     interval_start, interval_start_step = time.perf_counter(), done
                 if checkpointer is not None and (done % s.checkpoint_every == 0

@@ -75,9 +75,12 @@ def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
     assert "Trainer done (cached)" in out.stdout
     # The first settings again, after the refusal: the Trainer is reused, the
     # gate runs against the blessed baseline and this run pushes.
+    # The same model is already served: nothing new is pushed, and the run says so.
     out = _cli("--run-dir", str(run_dir), *TINY, "--thresholds", json.dumps(LOOSE_GATE))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "Trainer done (cached)" in out.stdout and "Model blessed and pushed to" in out.stdout
+    assert "Trainer done (cached)" in out.stdout
+    assert "Model unchanged: already served as version" in out.stdout and "nothing new pushed" in out.stdout
+    assert len(os.listdir(run_dir / "serving")) == 1
 
     # Each run's record is found by its own pipeline-run id.
     from pipeline.inspect_metadata import collect
@@ -90,7 +93,8 @@ def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
     assert any(b.component == "Evaluator" and not b.blessed for b in refused.blessings)
     assert any(b.component == "IntegrationValidator" and b.blessed for b in refused.blessings)
     assert refused.states["Trainer"] == "CACHED"
-    assert last.pushed["pushed_version"] != first.pushed["pushed_version"]
+    assert last.pushed["pushed_version"] == first.pushed["pushed_version"]
+    assert last.pushed["already_pushed"] == 1 and "already_pushed" not in first.pushed
 
 
 def test_corrupt_tfrecord_fails_with_the_file_named_and_no_traceback(tmp_path):
