@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Iterator, Optional
 
@@ -169,6 +171,28 @@ def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
     return rest()
 
 
+def data_identity(files, what: str = "train_files") -> str:
+    """A short hash of the training data as the engine will see it: each
+    file's split-relative name, size and first MiB (content, not the
+    artifact URI, so a re-materialised identical split keeps it). Part of
+    the checkpoint fingerprint: changed data never resumes old checkpoints."""
+    import hashlib
+
+    import tensorflow as tf
+
+    from components import training_loop as tl
+
+    digest = hashlib.sha256()
+    paths = sorted({p for pattern in tl.resolve_file_patterns(files, what)
+                    for p in tf.io.gfile.glob(pattern)})
+    for path in paths:
+        name = "/".join(path.rstrip("/").split("/")[-2:])
+        digest.update(f"{name}:{tf.io.gfile.stat(path).length}\n".encode())
+        with tf.io.gfile.GFile(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
 # --------------------------------------------------------------- weights
 def load_trained_model(config, weights_path: str):
     """A float32 TF-backend model holding the engine's trained weights
@@ -226,6 +250,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     import tensorflow as tf
 
     from components import export
+    from components.checkpoint_mirror import CheckpointMirror, is_remote
     from model.evaluation import eval_metrics
     from training import launch
     from training.engine import expert_summary
@@ -233,8 +258,22 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     t = settings.training
     config = settings.model_config
     started = time.perf_counter()
-    workdir = os.path.join(fn_args.model_run_dir, "engine")
+    # The engine (no TensorFlow, so no tf.io.gfile) reads and writes local
+    # files only: with a remote model_run_dir its work directory is a local
+    # temporary one, and a remote checkpoint URI is mirrored
+    # (components.checkpoint_mirror).
+    remote_run_dir = is_remote(fn_args.model_run_dir)
+    workdir = (tempfile.mkdtemp(prefix="deepseek-tfx-engine-") if remote_run_dir
+               else os.path.join(fn_args.model_run_dir, "engine"))
     os.makedirs(workdir, exist_ok=True)
+    mirror = None
+    engine_checkpoints = t.checkpoint_dir
+    if is_remote(t.checkpoint_dir):
+        engine_checkpoints = os.path.join(workdir, "checkpoints")
+        mirror = CheckpointMirror(t.checkpoint_dir, engine_checkpoints)
+        fetched = mirror.fetch_latest()
+        if fetched is not None:
+            log_fn(f"trainer: fetched checkpoint step {fetched} from {t.checkpoint_dir}")
     micro_batches = train_steps * t.gradient_accumulation
     train_batches = stream_batches(fn_args, settings, fn_args.train_files, micro_batches)
     eval_tokens = None
@@ -254,16 +293,28 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
                    "grad_clip_norm": t.grad_clip_norm,
                    "gradient_accumulation": t.gradient_accumulation,
                    "expert_parallel": t.expert_parallel, "precision": t.precision,
-                   "seed": t.seed, "checkpoint_dir": t.checkpoint_dir,
-                   "checkpoint_every": t.checkpoint_every, "log_every": t.log_every},
+                   "seed": t.seed, "checkpoint_dir": engine_checkpoints,
+                   "checkpoint_every": t.checkpoint_every, "log_every": t.log_every,
+                   "data_fingerprint": data_identity(fn_args.train_files)},
         "tokens": "stdin",  # the batches of train_batches, in order
         "output_dir": os.path.join(workdir, "out"),
     }
+    def engine_line(line: str) -> None:
+        if mirror is not None:
+            mirror.on_line(line)  # each checkpoint to the URI as soon as it is in place
+        log_fn(line)
+
     try:
-        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=log_fn,
+        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=engine_line,
                                    batches=train_batches)
     except launch.TrainingDivergedError as e:
         raise RuntimeError(str(e)) from None
+    except launch.EngineFailed as e:
+        if not remote_run_dir:
+            raise
+        # The local work directory does not outlive the pod: the log goes with the run.
+        log_uri = _copy_engine_log(workdir, fn_args.model_run_dir)
+        raise launch.EngineFailed(str(e).replace(os.path.join(workdir, "engine.log"), log_uri)) from None
     if engine["final_step"] != train_steps:
         raise RuntimeError(f"training ended at step {engine['final_step']}, expected {train_steps}")
     _write_tensorboard(fn_args.model_run_dir, engine["loss_history"])
@@ -317,7 +368,8 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "expert_utilization_eval": eval_experts,
         **evaluation,
         "checkpoint_dir": t.checkpoint_dir,
-        "checkpoint_steps": engine["checkpoint_steps"],
+        "checkpoint_steps": mirror.remote_steps() if mirror else engine["checkpoint_steps"],
+        "checkpoint_mirror_seconds": mirror.seconds if mirror else None,
         "keras_model": keras_path,
         "serving_model_dir": fn_args.serving_model_dir,
         "tensorboard_dir": fn_args.model_run_dir,
@@ -325,4 +377,18 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     tf.io.gfile.makedirs(artifact)
     with tf.io.gfile.GFile(os.path.join(artifact, SUMMARY_FILE), "w") as f:
         f.write(json.dumps(json_safe(summary), indent=2))
+    if remote_run_dir:
+        _copy_engine_log(workdir, fn_args.model_run_dir)
+        shutil.rmtree(workdir, ignore_errors=True)
     return summary
+
+
+def _copy_engine_log(workdir: str, model_run_dir: str) -> str:
+    import tensorflow as tf
+
+    target = os.path.join(model_run_dir, "engine", "engine.log")
+    source = os.path.join(workdir, "engine.log")
+    if os.path.exists(source):
+        tf.io.gfile.makedirs(os.path.dirname(target))
+        tf.io.gfile.copy(source, target, overwrite=True)
+    return target

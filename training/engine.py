@@ -54,6 +54,9 @@ class EngineSettings:
     checkpoint_every: int = 100
     log_every: int = 25
     record_history: bool = False  # per-step losses, biases and loads (tests)
+    # The caller's identity of the training data (the Trainer adapter: its
+    # files' sizes and leading bytes), part of the checkpoint fingerprint.
+    data_fingerprint: Optional[str] = None
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "train_steps", "gradient_accumulation",
@@ -189,11 +192,16 @@ class Engine:
         self._lay_out()
         self.moe_names = [layer.name for layer in self.model.decoder_layers
                           if layer.mlp in self.model.moe_layers()]
-        self.fingerprint = {"model_config": config.to_dict(), "seq_len": s.seq_len,
-                            "batch_size": s.batch_size, "seed": s.seed, "float8": self.float8,
-                            "train_steps": s.train_steps,
-                            "gradient_accumulation": s.gradient_accumulation,
-                            "learning_rate": s.learning_rate, "warmup_steps": s.warmup_steps}
+        # Stored in every checkpoint; a resume under any other value is refused.
+        self.fingerprint = {
+            "base_model": config.to_dict(),
+            "data": {"identity": s.data_fingerprint, "seq_len": s.seq_len, "batch_size": s.batch_size,
+                     "gradient_accumulation": s.gradient_accumulation, "seed": s.seed},
+            "optimizer": {"name": "adamw", "learning_rate": s.learning_rate,
+                          "warmup_steps": s.warmup_steps, "train_steps": s.train_steps,
+                          "weight_decay": s.weight_decay, "grad_clip_norm": s.grad_clip_norm},
+            "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8},
+        }
         self._step_fn = self._build_step()
 
     def _lay_out(self) -> None:
@@ -388,8 +396,8 @@ class Engine:
         tv, ntv, ov = self._state()
         start_step = 0
         if checkpointer is not None and checkpointer.latest() is not None:
-            checkpointer.check_fingerprint()
             start_step = checkpointer.latest()
+            checkpointer.check_fingerprint(start_step)
             if start_step > s.train_steps:
                 raise CheckpointMismatchError(
                     f"the checkpoint in {s.checkpoint_dir} is at step {start_step} > train_steps "

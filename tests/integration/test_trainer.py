@@ -90,7 +90,7 @@ def _load_keras(fn_args):
 
 def _checkpoint_values(path):
     with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+        return {k: data[k] for k in data.files if k != "__fingerprint__"}
 
 
 def _log_softmax(x):
@@ -279,8 +279,65 @@ def test_resume_from_a_checkpoint_matches_uninterrupted_run(tmp_path, examples, 
     # A different model in the same checkpoint_dir is refused, naming what differs.
     other = _fn_args(tmp_path / "other", examples, custom_config=_custom_config(
         model_config=TINY.replace(hidden_size=48), checkpoint_dir=checkpoints))
-    with pytest.raises(RuntimeError, match="CheckpointMismatchError.*model_config"):
+    with pytest.raises(RuntimeError, match=r"the checkpoint does not fit this training: .*changed: base_model \(hidden_size\)"):
         _run(other)
+
+
+def test_changed_data_under_the_same_checkpoints_is_refused_naming_it(tmp_path, examples, trained):
+    """Other records in the same place, checkpoints of a finished run: not
+    0 steps and the old model re-exported, but a refusal naming the data."""
+    reference_args, _, _ = trained
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(os.path.join(reference_args.model_run_dir, "checkpoints"), checkpoints)
+    changed = tmp_path / "examples"
+    shutil.copytree(examples, changed)
+    rows = generate(DataSpec("markov", vocab_size=64, seq_len=SEQ_LEN, seed=1), 192)
+    write_tfrecords(str(changed / "Split-train" / "data_tfrecord-00000-of-00001.gz"), rows)
+    fn_args = _fn_args(tmp_path / "run", str(changed), checkpoint_dir=str(checkpoints))
+    with pytest.raises(RuntimeError, match=r"different training setup \(changed: data\.identity: '[0-9a-f]+' "
+                                           r"-> '[0-9a-f]+'\)"):
+        _run(fn_args)
+    assert not os.path.exists(fn_args.serving_model_dir)
+
+
+def test_remote_uris_train_mirror_checkpoints_and_resume(tmp_path, examples, trained, monkeypatch):
+    """model_run_dir, serving_model_dir and the checkpoints on a non-local
+    scheme (TF's in-memory ram:// filesystem): the engine works in a local
+    temporary directory, each checkpoint is mirrored to the URI, and a
+    restarted run on a fresh disk fetches the newest one and resumes."""
+    gfile = tf.io.gfile
+    monkeypatch.chdir(tmp_path)  # os.makedirs("ram://...") would create ./ram:/ here
+    reference_args, reference_summary, _ = trained
+    root = f"ram://trainer-{os.getpid()}-{tmp_path.name}"
+    fn_args = _fn_args(root, examples)
+    checkpoints = f"{root}/model_run/checkpoints"
+
+    summary, lines = _run(fn_args)
+    assert summary["final_step"] == 20 and not summary["resumed"]
+    assert sorted(gfile.listdir(checkpoints)) == ["ckpt-10.npz", "ckpt-20.npz", "trainer_state.json"]
+    assert summary["checkpoint_steps"] == [10, 20] and summary["checkpoint_mirror_seconds"] > 0
+    assert gfile.exists(os.path.join(fn_args.serving_model_dir, "saved_model.pb"))
+    assert gfile.exists(f"{root}/model/{trainer.SUMMARY_FILE}")
+    assert gfile.exists(f"{root}/model/{trainer.KERAS_MODEL_PATH}")
+    assert gfile.exists(f"{root}/model_run/engine/engine.log")
+    assert gfile.glob(f"{root}/model_run/events.out.tfevents.*")
+    assert not os.path.exists(tmp_path / "ram:")  # nothing went to a local look-alike path
+    assert summary["eval_loss"] == pytest.approx(reference_summary["eval_loss"], abs=1e-5)
+
+    # The pod dies after its step-10 checkpoint reached the bucket: a new one resumes there.
+    gfile.remove(f"{checkpoints}/ckpt-20.npz")
+    summary, lines = _run(fn_args)
+    assert "fetched checkpoint step 10" in "\n".join(lines) and "resuming from step 10" in "\n".join(lines)
+    assert summary["start_step"] == 10 and summary["final_step"] == 20 and summary["resumed"]
+    with gfile.GFile(f"{checkpoints}/ckpt-20.npz", "rb") as f:
+        import io
+
+        with np.load(io.BytesIO(f.read())) as data:
+            resumed = {k: data[k] for k in data.files}
+    reference = _checkpoint_values(os.path.join(reference_args.model_run_dir, "checkpoints", "ckpt-20.npz"))
+    for name in reference:
+        np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)
+    assert summary["eval_loss"] == pytest.approx(reference_summary["eval_loss"], abs=1e-5)
 
 
 def test_gradient_accumulation_streams_two_batches_a_step(tmp_path, examples):
