@@ -20,57 +20,20 @@ No TensorFlow is imported.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from model.checks import PRECISIONS
 from training.checkpoint import Checkpointer, CheckpointMismatchError, relative_path
 from training.optim import WarmupCosineSchedule, make_optimizer, warmup_cosine_lr
 from training.parallel import MeshError, batch_sharding, global_array, make_distribution, plan_mesh, to_host
+from training.settings import TrainingSettings
 
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    batch_size: int              # sequences per micro-batch, global (all devices)
-    seq_len: int
-    train_steps: int             # optimizer steps
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip_norm: Optional[float] = 1.0
-    gradient_accumulation: int = 1
-    expert_parallel: int = 1
-    precision: str = "auto"
-    seed: int = 0
-    checkpoint_dir: Optional[str] = None
-    checkpoint_every: int = 100
-    log_every: int = 25
-    record_history: bool = False  # per-step losses, biases and loads (tests)
-    # The caller's identity of the training data (the Trainer adapter: its
-    # files' sizes and leading bytes), part of the checkpoint fingerprint.
-    data_fingerprint: Optional[str] = None
-
-    def __post_init__(self):
-        for name in ("batch_size", "seq_len", "train_steps", "gradient_accumulation",
-                     "expert_parallel", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineSettings.{name}: must be an integer >= 1, got {value!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"EngineSettings.precision: must be one of {PRECISIONS}, "
-                             f"got {self.precision!r}")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.gradient_accumulation
 
 
 def resolve_precision(precision: str, platform: str):
@@ -158,8 +121,10 @@ def set_seed(seed: int) -> None:
 class Engine:
     """Builds the model, optimizer and mesh; `train(tokens)` runs the loop."""
 
-    def __init__(self, config, settings: EngineSettings, devices=None,
-                 log_fn: Callable[[str], None] = print):
+    def __init__(self, config, settings: TrainingSettings, devices=None,
+                 log_fn: Callable[[str], None] = print, data_identity: Optional[str] = None):
+        """`data_identity`: the caller's identity of the training data (the
+        Trainer adapter hashes its files), part of the checkpoint fingerprint."""
         import jax
         import keras
 
@@ -195,7 +160,7 @@ class Engine:
         # Stored in every checkpoint; a resume under any other value is refused.
         self.fingerprint = {
             "base_model": config.to_dict(),
-            "data": {"identity": s.data_fingerprint, "seq_len": s.seq_len, "batch_size": s.batch_size,
+            "data": {"identity": data_identity, "seq_len": s.seq_len, "batch_size": s.batch_size,
                      "gradient_accumulation": s.gradient_accumulation, "seed": s.seed},
             "optimizer": {"name": "adamw", "learning_rate": s.learning_rate,
                           "warmup_steps": s.warmup_steps, "train_steps": s.train_steps,
@@ -518,5 +483,5 @@ class Engine:
         }
 
 
-__all__ = ["Engine", "EngineSettings", "MeshError", "TrainingDiverged", "CheckpointMismatchError",
+__all__ = ["Engine", "MeshError", "TrainingDiverged", "CheckpointMismatchError",
            "resolve_precision", "next_token_ce"]

@@ -4,12 +4,13 @@ Started by the Trainer adapter (components/trainer.py) with KERAS_BACKEND=jax,
 or by hand on a machine with JAX and no TensorFlow. SPEC:
 
     {"model_config": DeepSeekV3Config.to_dict(),
-     "engine": EngineSettings fields,
+     "engine": TrainingSettings.to_dict() (training.settings; defaults for what is left out),
      "tokens": "<.npy [micro-batches, B, S] int32>" | "stdin",
      "padding_mask": "<.npy, same shape>" | null,
      "output_dir": "<dir>",          # gets result.json and weights.npz
      "num_devices": int | null,      # default: every device (all processes)
-     "save_weights": true, "stop_after": null, "report_shardings": false}
+     "save_weights": true, "stop_after": null, "report_shardings": false,
+     "data_identity": str | null}   # part of the checkpoint fingerprint
 
 "tokens": "stdin" streams the batches: stdin carries train_steps x
 gradient_accumulation micro-batches of [batch_size, seq_len] int32 (native
@@ -105,25 +106,26 @@ def _main(argv=None) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    from model.config import DeepSeekV3Config
     from training.parallel import initialize_from_env
+    from training.settings import TrainingSettings
 
-    initialize_from_env(int(spec["engine"].get("seed", 0)))  # before any device is touched
+    config = DeepSeekV3Config.from_dict(spec["model_config"])
+    settings = TrainingSettings.from_dict(spec["engine"]).check_model(config)
+    initialize_from_env(settings.seed)  # before any device is touched
     import jax
     import numpy as np
 
-    from model.config import DeepSeekV3Config
-    from training.engine import Engine, EngineSettings
+    from training.engine import Engine
 
     def log(line: str) -> None:
         if jax.process_index() == 0:
             print(line, flush=True)
 
-    config = DeepSeekV3Config.from_dict(spec["model_config"])
-    settings = EngineSettings(**spec["engine"])
     devices = jax.devices()
     if spec.get("num_devices"):
         devices = devices[:int(spec["num_devices"])]
-    engine = Engine(config, settings, devices=devices, log_fn=log)
+    engine = Engine(config, settings, devices=devices, log_fn=log, data_identity=spec.get("data_identity"))
     log(f"engine: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
         f"{settings.seq_len}, batch {settings.batch_size} x {settings.gradient_accumulation} "
         f"accumulation, {settings.train_steps} steps on {len(devices)} {engine.platform} "

@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from model import get_preset
     from training import engine as E
+    from training.settings import TrainingSettings
 
     real_ce = E.next_token_ce
 
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent("""
 
     E.next_token_ce = ce
     ckpt = sys.argv[1]
-    settings = E.EngineSettings(batch_size=4, seq_len=8, train_steps=6, checkpoint_dir=ckpt,
+    settings = TrainingSettings(batch_size=4, seq_len=8, train_steps=6, checkpoint_dir=ckpt,
                                 checkpoint_every=1, log_every=1, record_history=True)
     tokens = np.random.default_rng(0).integers(1, 64, (6, 4, 8)).astype(np.int32)
     tokens[3] = 0

@@ -176,12 +176,12 @@ def test_the_real_worker_reports_a_mesh_error_in_one_paragraph(tmp_path):
     from model import get_preset
 
     spec = {"model_config": get_preset("tiny").to_dict(),
-            "engine": {"batch_size": 4, "seq_len": 8, "train_steps": 1, "expert_parallel": 3},
+            "engine": {"batch_size": 4, "seq_len": 8, "train_steps": 1, "expert_parallel": 2},
             "tokens": str(tmp_path / "none.npy"), "output_dir": str(tmp_path / "out")}
     with pytest.raises(launch.EngineFailed) as info:
         launch.run_worker(spec, str(tmp_path / "spec.json"), launch.worker_env(1), log_fn=lambda l: None)
     message = str(info.value)
-    assert message.startswith("the device mesh cannot run this training: expert_parallel 3")
+    assert message.startswith("the device mesh cannot run this training: expert_parallel 2"), message
     assert f"exit status {ENGINE_ERROR_EXIT}" in message and str(tmp_path / "engine.log") in message
     assert "Traceback" in (tmp_path / "engine.log").read_text()
     json.loads((tmp_path / "spec.json").read_text())
