@@ -295,7 +295,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
 
     try:
         engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=engine_line,
-                                   batches=train_batches)
+                                   batches=train_batches, stall_timeout_s=t.engine_stall_timeout_s)
     except launch.TrainingDivergedError as e:
         raise RuntimeError(str(e)) from None
     except launch.EngineFailed as e:

@@ -61,6 +61,7 @@ class PipelineSettings:
     # Paths (default: under run_dir).
     pipeline_root: Optional[str] = None
     metadata_path: Optional[str] = None
+    engine_stall_timeout_s: Optional[float] = None  # kill a silent engine child as hung
     # ML Metadata on MySQL/MariaDB instead of the SQLite file
     # (pipeline.metadata_store: mysql://USER@HOST:PORT/DB[?unix_socket=PATH]).
     metadata_mysql: Optional[str] = None
