@@ -108,8 +108,8 @@ def metadata_backends(work: str) -> dict:
         db.add_user("bench", "bench")
         os.environ["DEEPSEEK_TFX_MYSQL_PASSWORD"] = "bench"
         url = db.url("bench", "mlmd_bench")
-        base = dict(preset="tiny", seq_len=16, train_examples=256, eval_examples=32, train_steps=10,
-                    batch_size=16, eval_steps=2, checkpoint_every=10, log_every=10, thresholds=LOOSE_GATE)
+        base = dict(preset="tiny", seq_len=16, train_examples=256, eval_examples=32, train_steps=5,
+                    batch_size=16, eval_steps=2, checkpoint_every=5, log_every=5, thresholds=LOOSE_GATE)
         out = {}
         for name, extra in (("sqlite", {}), ("mysql", {"metadata_mysql": url})):
             settings = PipelineSettings(run_dir=os.path.join(work, name), **base, **extra)
@@ -132,14 +132,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                "note": "one run each on a shared machine; wall times indicative"}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deepseek-tfx-bench-") as work:
         for section in args.sections.split(","):
             os.makedirs(os.path.join(work, section))
             results[section] = globals()[section](os.path.join(work, section))
             print(json.dumps({section: results[section]}, indent=2), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+            with open(args.out, "w") as f:  # after each section: a long run keeps what it has
+                json.dump(results, f, indent=2)
     return 0
 
 
