@@ -130,9 +130,11 @@ class MetadataTarget:
                 raise MetadataStoreError(self.explain(e)) from None
 
     def check(self) -> None:
-        """Opens (creating the database and schema when missing) and closes
-        the store, so a bad address fails before any component runs."""
-        self.open(readonly=False)
+        """For MySQL: opens (creating the database and schema when missing)
+        and closes the store, so a bad address fails before any component
+        runs. The SQLite file is the runner's to create, in its run directory."""
+        if self.mysql is not None:
+            self.open(readonly=False)
 
     def explain(self, error: BaseException) -> str:
         """One line for a failure to open, naming the cause: unreachable,
