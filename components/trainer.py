@@ -258,11 +258,12 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     # temporary one, and a remote checkpoint URI is mirrored
     # (components.checkpoint_mirror).
     remote_run_dir = is_remote(fn_args.model_run_dir)
+    # Absolute: the child runs in another working directory.
     workdir = (tempfile.mkdtemp(prefix="deepseek-tfx-engine-") if remote_run_dir
-               else os.path.join(fn_args.model_run_dir, "engine"))
+               else os.path.abspath(os.path.join(fn_args.model_run_dir, "engine")))
     os.makedirs(workdir, exist_ok=True)
     mirror = None
-    engine_checkpoints = t.checkpoint_dir
+    engine_checkpoints = t.checkpoint_dir and os.path.abspath(t.checkpoint_dir)
     if is_remote(t.checkpoint_dir):
         engine_checkpoints = os.path.join(workdir, "checkpoints")
         mirror = CheckpointMirror(t.checkpoint_dir, engine_checkpoints)
