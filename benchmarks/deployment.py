@@ -96,7 +96,7 @@ def _timed(fn):
 
 
 def metadata_backends(work: str) -> dict:
-    from pipeline.inspect_metadata import collect
+    from app.inspect_metadata import collect
     from pipeline.local_runner import run_local
     from pipeline.metadata_store import MetadataTarget
     from pipeline.settings import PipelineSettings

@@ -10,7 +10,12 @@ or by hand on a machine with JAX and no TensorFlow. SPEC:
      "output_dir": "<dir>",          # gets result.json and weights.npz
      "num_devices": int | null,      # default: every device (all processes)
      "save_weights": true, "stop_after": null, "report_shardings": false,
+     "logits_for": "<.npy [N, S] int32>" | null,  # -> output_dir/logits.npy
      "data_identity": str | null}   # part of the checkpoint fingerprint
+
+"logits_for": after training, the model's float32 logits for those token
+rows, from the engine's own weights in this process (the check that the
+export in another environment computes the same function).
 
 "tokens": "stdin" streams the batches: stdin carries train_steps x
 gradient_accumulation micro-batches of [batch_size, seq_len] int32 (native
@@ -150,7 +155,14 @@ def _main(argv=None) -> int:
     out = spec["output_dir"]
     if spec.get("report_shardings"):
         result["shardings"] = sharding_report(engine)
+    from training.environment import engine_environment
+
+    result["engine_environment"] = engine_environment()
     weights = engine.weights()  # collective in multi-process runs: every process calls it
+    logits = None
+    if spec.get("logits_for"):  # after the weights: the call counts expert loads
+        ids = np.load(spec["logits_for"]).astype(np.int32)
+        logits = np.asarray(engine.model(ids, training=False), np.float32)
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
         if spec.get("save_weights", True):
@@ -158,6 +170,8 @@ def _main(argv=None) -> int:
             with open(tmp, "wb") as f:
                 np.savez(f, **weights)
             os.replace(tmp, os.path.join(out, "weights.npz"))
+        if logits is not None:
+            np.save(os.path.join(out, "logits.npy"), logits)
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(json_safe(result), f, indent=2)
     return 0

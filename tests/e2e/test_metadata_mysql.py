@@ -41,7 +41,7 @@ def _env(**extra):
 
 
 def _cli(*args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env or _env(), **kw)
 
 
@@ -71,7 +71,7 @@ def two_runs(server, tmp_path_factory):
 
 
 def _info(url):
-    from pipeline.inspect_metadata import collect
+    from app.inspect_metadata import collect
     from pipeline.metadata_store import MetadataTarget
 
     os.environ["DEEPSEEK_TFX_MYSQL_PASSWORD"] = PASSWORD
@@ -140,8 +140,8 @@ def test_cached_rerun_reuses_the_shared_stores_executions(two_runs):
     info = _info(two_runs["url"])
     assert len(info["runs"]) == 3
     latest = max(info["runs"], key=lambda r: r["created"])["name"]
+    from app.run_report import run_outcome
     from pipeline.metadata_store import MetadataTarget
-    from pipeline.run_report import run_outcome
 
     states = run_outcome(MetadataTarget.of(mysql_url=two_runs["url"]), latest).states
     for component in ("SyntheticTokenExampleGen", "StatisticsGen", "CuratedSchemaGen",
@@ -151,7 +151,7 @@ def test_cached_rerun_reuses_the_shared_stores_executions(two_runs):
 
 @pytest.mark.parametrize("case", ["wrong_password", "unreachable", "no_permission"])
 def test_store_refusals_are_one_line_and_run_nothing(server, tmp_path, capfd, monkeypatch, case):
-    from pipeline.cli import main
+    from app.cli import main
 
     url, env = server.url("tfx", "mlmd_refused"), _env()
     expected = {"wrong_password": "refused the login of 'tfx': wrong password",

@@ -22,9 +22,10 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from model import get_preset
     from training import engine as E
+    from training import step as S
     from training.settings import TrainingSettings
 
-    real_ce = E.next_token_ce
+    real_ce = S.next_token_ce
 
     @jax.custom_vjp
     def poison(x, flag):
@@ -41,7 +42,7 @@ SCRIPT = textwrap.dedent("""
     def ce(logits, ids, mask=None):
         return real_ce(poison(logits, jnp.all(ids == 0).astype(jnp.float32)), ids, mask)
 
-    E.next_token_ce = ce
+    S.next_token_ce = ce  # looked up when the step is traced
     ckpt = sys.argv[1]
     settings = TrainingSettings(batch_size=4, seq_len=8, train_steps=6, checkpoint_dir=ckpt,
                                 checkpoint_every=1, log_every=1, record_history=True)

@@ -8,9 +8,9 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from app.serving import check_version, latest_version  # noqa: E402
 from components.latest_pushed_model import latest_pushed_version  # noqa: E402
 from components.serving_versions import latest_complete, missing_parts  # noqa: E402
-from pipeline.serving import check_version, latest_version  # noqa: E402
 
 pytestmark = pytest.mark.unit
 

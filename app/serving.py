@@ -44,16 +44,16 @@ def pushed_from_metadata(metadata) -> str:
     """The version directory of the newest model the Pusher recorded as
     pushed in ML Metadata (`metadata`: a pipeline.metadata_store target or
     SQLite path), checked complete."""
-    from pipeline.inspect_metadata import _props, _store
+    from app.inspect_metadata import open_store, properties
     from pipeline.metadata_store import as_target
 
-    store = _store(metadata)
+    store = open_store(metadata)
     pushed = [a for a in store.get_artifacts_by_type("PushedModel")
-              if _props(a).get("pushed") == 1 and _props(a).get("pushed_destination")]
+              if properties(a).get("pushed") == 1 and properties(a).get("pushed_destination")]
     if not pushed:
         raise FileNotFoundError(f"no pushed model recorded in {as_target(metadata).describe()}")
     newest = max(pushed, key=lambda a: (a.create_time_since_epoch, a.id))
-    return check_version(_props(newest)["pushed_destination"])
+    return check_version(properties(newest)["pushed_destination"])
 
 
 def generate_from_pushed(serving_dir: str, prompts: Sequence[Sequence[int]], max_new_tokens: int,
