@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs MariaDB's server binaries (Debian's mariadb-server) when missing:
 # the ML Metadata on MySQL tests start a throwaway server from them
-# (tests/support/mariadb.py) on a temporary data directory; nothing here
+# (tests/support/mariadb_server.py) on a temporary data directory; nothing here
 # starts or configures the system service.
 set -euo pipefail
 if command -v mariadbd >/dev/null 2>&1 && command -v mariadb-install-db >/dev/null 2>&1; then

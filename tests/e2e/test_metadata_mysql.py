@@ -1,5 +1,5 @@
 """ML Metadata on MySQL (MariaDB): `--metadata-mysql` for run, inspect and
-generate against a throwaway server (tests/support/mariadb.py). Two runs
+generate against a throwaway server (tests/support/mariadb_server.py). Two runs
 start at once on a database neither has created; one is rerun from the
 cache; inspect and generate read the shared store; a wrong password, an
 unreachable server and a user without permissions each fail in one line."""
@@ -12,9 +12,15 @@ import time
 
 import pytest
 
-from tests.e2e.test_cli import ROOT, TINY
-from tests.e2e.test_pipeline_local import LOOSE_GATE
-from tests.support import mariadb
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
+import mariadb_server as mariadb  # noqa: E402
+
+# The tiny pipeline of tests/e2e/test_cli.py, with a loose gate.
+TINY = ["--preset", "tiny", "--seq-len", "16", "--train-examples", "256", "--eval-examples", "32",
+        "--steps", "10", "--batch-size", "16"]
+LOOSE_GATE = {"max_loss_gap_nats": 5.0, "max_expert_load_ratio": 100.0, "max_expert_load_cv": 5.0,
+              "min_gain_over_uniform_nats": 0.05}
 
 pytestmark = pytest.mark.e2e
 
