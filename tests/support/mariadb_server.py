@@ -14,6 +14,8 @@ import tempfile
 import time
 from typing import Optional
 
+from training.launch import _tie_to_parent
+
 
 def available() -> bool:
     return all(shutil.which(b) for b in ("mariadbd", "mariadb-install-db", "mariadb"))
@@ -44,7 +46,8 @@ class MariaDB:
              f"--pid-file={os.path.join(self.base, 'mysqld.pid')}",
              f"--log-error={os.path.join(self.base, 'error.log')}",
              "--skip-log-bin", "--innodb-buffer-pool-size=64M", "--max-connections=200"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            preexec_fn=_tie_to_parent(os.getpid()))  # a killed test run leaves no server behind
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
