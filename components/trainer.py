@@ -153,6 +153,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "tokens": "stdin",  # the batches of train_batches, in order
         "output_dir": os.path.join(workdir, "out"),
     }
+
     def engine_line(line: str) -> None:
         if mirror is not None:
             mirror.on_line(line)  # each checkpoint to the URI as soon as it is in place
