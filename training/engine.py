@@ -13,7 +13,9 @@ step, whatever the MoE layer does to its bias inside its forward pass.
 
 The loop feeds numpy batches, checks the loss for NaN/inf every step, logs
 console lines (loss, perplexity, lr, tokens/s, ETA, worst expert max/min
-load ratio) and checkpoints atomically (`training.checkpoint`).
+load ratio), hands the same interval metrics (with the gradient norm and each
+MoE layer's expert load) to `metrics_fn` as a dict, and checkpoints
+atomically (`training.checkpoint`).
 No TensorFlow is imported.
 """
 
@@ -156,7 +158,8 @@ class Engine:
     """Builds the model, optimizer and mesh; `train(tokens)` runs the loop."""
 
     def __init__(self, config, settings: EngineSettings, devices=None,
-                 log_fn: Callable[[str], None] = print):
+                 log_fn: Callable[[str], None] = print,
+                 metrics_fn: Optional[Callable[[dict], None]] = None):
         import jax
         import keras
 
@@ -168,6 +171,9 @@ class Engine:
         self.config = config
         self.s = s = settings
         self.log_fn = log_fn
+        # Machine-readable progress: {"event": "start", ...} once the start
+        # step is known, then {"event": "interval", ...} per log interval.
+        self.metrics_fn = metrics_fn or (lambda record: None)
         self.devices = list(devices if devices is not None else jax.devices())
         self.platform = self.devices[0].platform
         self.plan = plan_mesh(len(self.devices), s.expert_parallel, config.n_routed_experts,
@@ -269,8 +275,12 @@ class Engine:
             if gamma > 0:
                 for i, b, load in zip(bias_idx, bias0, loads):
                     ntv[i] = ops.cast(router_bias_update(b, load, gamma), b.dtype)
+            # Global norm before clipping (float8 scales' "gradients" are not gradients).
+            grad_norm = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32")))
+                                     for g, ow in zip(grads, overwrite) if not ow))
             tv, ov = optimizer.stateless_apply(ov, grads, tv)
             metrics = {"loss": loss_sum / accumulation, "ce": ce_sum / accumulation,
+                       "grad_norm": grad_norm,
                        "load": ops.stack(loads) if loads else ops.zeros((0,)),
                        "dropped": ops.stack([ntv[i] for i in dropped_idx]) if loads
                        else ops.zeros((0,)),
@@ -389,6 +399,10 @@ class Engine:
                     f"{s.train_steps}; use a fresh checkpoint directory")
             tv, ntv, ov = self._restore(checkpointer.load(start_step), checkpointer.path(start_step))
             self.log_fn(f"resuming from step {start_step} ({checkpointer.path(start_step)})")
+        self.metrics_fn({"event": "start", "start_step": start_step, "train_steps": s.train_steps,
+                         "log_every": s.log_every, "tokens_per_step": s.tokens_per_step,
+                         "moe_layers": list(self.moe_names),
+                         "n_routed_experts": int(self.config.n_routed_experts)})
         sharding = batch_sharding(self.distribution, 3)
         width = len(str(s.train_steps))
         history: List[dict] = []
@@ -399,7 +413,7 @@ class Engine:
         run_start = interval_start = time.perf_counter()
         interval_start_step = start_step
         first_step_seconds = None
-        interval_loss = interval_ce = 0.0
+        interval_loss = interval_ce = interval_grad_norm = 0.0
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
         compiled = None
         with dtype_policy(self.policy):
@@ -427,6 +441,7 @@ class Engine:
                         f"); {where}. Lower training.learning_rate or raise warmup_steps.")
                 interval_loss += loss
                 interval_ce += float(m["ce"])
+                interval_grad_norm += float(m["grad_norm"])
                 load, dropped = np.asarray(m["load"], np.float64), np.asarray(m["dropped"], np.float64)
                 interval_load = load if interval_load is None else interval_load + load
                 interval_dropped = dropped if interval_dropped is None else interval_dropped + dropped
@@ -453,11 +468,13 @@ class Engine:
                         balance = f" | expert max/min {worst:.2f}"
                     history.append({"step": done, "loss": loss_mean, "next_token_loss": ce_mean,
                                     "perplexity": ppl, "learning_rate": lr,
-                                    "tokens_per_second": tps, "experts": last_experts})
+                                    "tokens_per_second": tps, "grad_norm": interval_grad_norm / n,
+                                    "experts": last_experts})
+                    self.metrics_fn({"event": "interval", "time": time.time(), **history[-1]})
                     self.log_fn(f"step {done:>{width}}/{s.train_steps} | loss {loss_mean:.4f} | "
                                 f"ppl {ppl:.2f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                                 f"ETA {_format_duration(eta)}{balance}")
-                    interval_loss = interval_ce = 0.0
+                    interval_loss = interval_ce = interval_grad_norm = 0.0
                     interval_load = interval_dropped = None
                     interval_start, interval_start_step = time.perf_counter(), done
                 if checkpointer is not None and (done % s.checkpoint_every == 0
@@ -466,6 +483,7 @@ class Engine:
                     last_checkpoint = done
                     self.log_fn(f"checkpoint step {done}")
         train_seconds = time.perf_counter() - run_start
+        train_finished_at = time.time()
         self._write_back(tv, ntv, ov)
         trained = end - start_step
         steady = trained - 1
@@ -483,6 +501,7 @@ class Engine:
             "start_step": start_step, "final_step": end, "resumed": start_step > 0,
             "tokens_trained": trained * s.tokens_per_step,
             "train_seconds": train_seconds,
+            "train_finished_at": train_finished_at,  # Unix time the last step ended
             "first_step_seconds": first_step_seconds,
             "tokens_per_second": (trained * s.tokens_per_step / train_seconds
                                   if trained and train_seconds > 0 else None),

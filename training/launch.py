@@ -65,10 +65,23 @@ def start_worker(spec: dict, spec_path: str, env: Dict[str, str], stdin=None) ->
 _ENGINE_PREFIXES = ("engine:", "step ", "checkpoint step", "resuming from", "training diverged")
 
 
-def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print) -> None:
+def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
+                metrics_fn: Optional[Callable[[dict], None]] = None) -> None:
+    """Forwards the engine's console lines to log_fn and its metrics
+    records (training.worker.METRICS_PREFIX lines) to metrics_fn, as they come."""
+    from training.worker import METRICS_PREFIX
+
     tail = collections.deque(maxlen=40)
     for line in proc.stdout:
         line = line.rstrip("\n")
+        if line.startswith(METRICS_PREFIX):
+            try:
+                record = json.loads(line[len(METRICS_PREFIX):])
+            except ValueError:  # cut by library noise on the same pipe: only a lost point
+                record = None
+            if record is not None and metrics_fn is not None:
+                metrics_fn(record)
+            continue
         tail.append(line)
         if line.startswith(_ENGINE_PREFIXES):
             log_fn(line)
@@ -117,13 +130,15 @@ class BatchFeeder(threading.Thread):
 
 
 def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
-               log_fn: Callable[[str], None] = print, batches: Optional[Iterable] = None) -> dict:
-    """Runs the engine to completion; returns its result.json. With
+               log_fn: Callable[[str], None] = print, batches: Optional[Iterable] = None,
+               metrics_fn: Optional[Callable[[dict], None]] = None) -> dict:
+    """Runs the engine to completion; returns its result.json. metrics_fn
+    gets each of the engine's metrics records as it reports it. With
     `batches` (an iterable of [B, S] int arrays, for a spec with
     `"tokens": "stdin"`) a background thread streams them to the child."""
     if batches is None:
         proc = start_worker(spec, spec_path, env or worker_env())
-        wait_worker(proc, log_fn)
+        wait_worker(proc, log_fn, metrics_fn)
     else:
         if spec.get("tokens") != "stdin":
             raise ValueError(f'run_worker: batches need spec["tokens"] == "stdin", '
@@ -139,7 +154,7 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
         feeder = BatchFeeder(os.fdopen(write_end, "wb"), batches)
         feeder.start()
         try:
-            wait_worker(proc, log_fn)
+            wait_worker(proc, log_fn, metrics_fn)
         except EngineFailed as failed:
             feeder.stop.set()
             feeder.join(timeout=60)

@@ -18,7 +18,10 @@ resumed run reads and discards the micro-batches of the steps it has done.
 `training.launch.run_worker(..., batches=...)` feeds them. With several
 processes each one reads its own stdin and must get the same stream.
 
-Console lines go to stdout (flushed). Multi-process: set
+Console lines go to stdout (flushed), and beside them one JSON line per
+engine metrics record (`METRICS_PREFIX` + json; the engine's `metrics_fn`:
+the start step, then every log interval), which
+`training.launch.wait_worker` hands to its `metrics_fn`. Multi-process: set
 KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID in every
 process (see training.parallel); process 0 writes the outputs.
 """
@@ -31,6 +34,7 @@ import os
 import sys
 
 DIVERGED_EXIT = 3
+METRICS_PREFIX = "@metrics "
 
 
 def json_safe(value):
@@ -84,7 +88,10 @@ def main(argv=None) -> int:
     devices = jax.devices()
     if spec.get("num_devices"):
         devices = devices[:int(spec["num_devices"])]
-    engine = Engine(config, settings, devices=devices, log_fn=log)
+    def report(record: dict) -> None:
+        log(METRICS_PREFIX + json.dumps(json_safe(record)))
+
+    engine = Engine(config, settings, devices=devices, log_fn=log, metrics_fn=report)
     log(f"engine: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
         f"{settings.seq_len}, batch {settings.batch_size} x {settings.gradient_accumulation} "
         f"accumulation, {settings.train_steps} steps on {len(devices)} {engine.platform} "
