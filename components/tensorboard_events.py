@@ -227,8 +227,13 @@ class TrainingEvents:
                                  description="experts x optimizer steps, load / mean load "
                                              "(1 = balanced, 0 = no tokens)")
         self._writer.flush()  # visible to TensorBoard now, not at close
-        with _gfile().GFile(os.path.join(self.log_dir, METRICS_FILE), "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        path = os.path.join(self.log_dir, METRICS_FILE)
+        if "://" in path:  # object stores (gs://, s3://) cannot append: the whole file again
+            with _gfile().GFile(path, "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in self.records))
+        else:
+            with open(path, "a") as f:
+                f.write(json.dumps(clean) + "\n")
 
     def _eval(self, record: Mapping) -> None:
         import tensorflow as tf

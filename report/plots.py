@@ -108,7 +108,9 @@ def training_curves(records: Sequence[Mapping], uniform_loss: Optional[float] = 
         x, y = _series(records, key)
         ax.plot(x, y, marker="o", markersize=3)
         ax.set(title=title, xlabel="optimizer step", ylabel=unit)
-        if log and y and min(y) > 0:
+        if not y:
+            _not_recorded(ax)
+        elif log and min(y) > 0:
             ax.set_yscale("log")
     ax = axes[5]
     layers = sorted(records[-1].get("experts") or {}) if records else []
@@ -119,7 +121,13 @@ def training_curves(records: Sequence[Mapping], uniform_loss: Optional[float] = 
     ax.set(title="expert balance", xlabel="optimizer step", ylabel="max / min expert load")
     if layers:
         ax.legend(fontsize=7)
+    else:
+        _not_recorded(ax)
     return fig
+
+
+def _not_recorded(ax) -> None:
+    ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def metrics_chart(metrics: Mapping[str, float], baseline: Mapping[str, float],
