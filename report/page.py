@@ -133,7 +133,7 @@ def _dag_svg(components: List[dict], edges: List[dict]) -> str:
         c = column[name]
         place[name] = (c, rows.get(c, 0))
         rows[c] = rows.get(c, 0) + 1
-    w, h, dx, dy, pad = 178, 46, 214, 62, 10
+    w, h, dx, dy, pad = 200, 46, 234, 62, 10
     width = pad * 2 + dx * (max(column.values(), default=0)) + w
     height = pad * 2 + dy * (max(rows.values(), default=1) - 1) + h
     out = [f'<svg id="dag-svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -161,7 +161,7 @@ def _dag_svg(components: List[dict], edges: List[dict]) -> str:
         out.append(f'<g><title>{esc(name)}: {esc(c["state"])}</title>'
                    f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" fill="#fff" stroke="{color}" '
                    f'stroke-width="2.5"/><text x="{x + w / 2}" y="{y + 19}" text-anchor="middle" '
-                   f'font-size="12" font-weight="bold">{esc(label)}</text>'
+                   f'font-size="11.5" font-weight="bold">{esc(label)}</text>'
                    f'<text x="{x + w / 2}" y="{y + 36}" text-anchor="middle" font-size="11" fill="{color}">'
                    f'{esc(c["state"])} \u00b7 {c["seconds"]:.1f} s</text></g>')
     out.append("</svg>")

@@ -99,6 +99,7 @@ def training_curves(records: Sequence[Mapping], uniform_loss: Optional[float] = 
     if optimal_loss is not None:
         ax.axhline(optimal_loss, color="green", linestyle="--", label="data optimum")
     ax.set(title="training loss", xlabel="optimizer step", ylabel="nats / token")
+    last_step = max((r["step"] for r in records), default=1)
     ax.legend(fontsize=7)
     panels = (("perplexity", "perplexity", "exp(next-token loss)", False),
               ("learning_rate", "learning rate", "learning rate", False),
@@ -108,6 +109,7 @@ def training_curves(records: Sequence[Mapping], uniform_loss: Optional[float] = 
         x, y = _series(records, key)
         ax.plot(x, y, marker="o", markersize=3)
         ax.set(title=title, xlabel="optimizer step", ylabel=unit)
+        ax.set_xlim(0, last_step * 1.05)
         if not y:
             _not_recorded(ax)
         elif log and min(y) > 0:
@@ -119,6 +121,8 @@ def training_curves(records: Sequence[Mapping], uniform_loss: Optional[float] = 
         y = [r["experts"][layer]["load_max_min_ratio"] for r in records if layer in (r.get("experts") or {})]
         ax.plot(x, [v if v is not None else np.nan for v in y], marker="o", markersize=3, label=layer)
     ax.set(title="expert balance", xlabel="optimizer step", ylabel="max / min expert load")
+    ax.set_xlim(0, last_step * 1.05)
+    axes[0].set_xlim(0, last_step * 1.05)
     if layers:
         ax.legend(fontsize=7)
     else:
