@@ -1,5 +1,5 @@
 """What the run report shows, gathered for one pipeline run from ML Metadata
-(`pipeline.inspect_metadata`, `pipeline.run_report`) and the artifacts it
+(`app.inspect_metadata`, `app.run_report`) and the artifacts it
 points to: the components with their state, wall time and the artifacts
 between them; the Trainer's interval records and summary; TFMA's metrics,
 baseline and thresholds; the integration checks; the verdict; the lineage."""
@@ -42,7 +42,7 @@ def _failure_message(props: Dict[str, Any]) -> List[str]:
 
 
 def latest_run_id(metadata_path: str) -> str:
-    from pipeline.inspect_metadata import collect
+    from app.inspect_metadata import collect
 
     runs = collect(metadata_path)["runs"]
     if not runs:
@@ -65,8 +65,8 @@ def _topological(nodes: List[dict], edges: List[dict]) -> List[dict]:
 def gather(metadata_path: str, run_id: Optional[str] = None) -> Dict[str, Any]:
     from ml_metadata.proto import metadata_store_pb2
 
-    from pipeline.inspect_metadata import _STATES, _props, _store, collect, lineage, read_evaluation
-    from pipeline.run_report import run_outcome
+    from app.inspect_metadata import _STATES, _props, _store, collect, lineage, read_evaluation
+    from app.run_report import run_outcome
 
     if not os.path.exists(metadata_path):
         raise ReportError(f"no ML Metadata store at {metadata_path} (has the pipeline run?)")

@@ -24,7 +24,7 @@ NOISE = ("Traceback", "FutureWarning", "WARNING:absl", "cuda_", "I0000")
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # TensorFlow's C++ start-up lines as a user gets them
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "app.cli", "run", *args], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=900)
 
 
@@ -112,12 +112,12 @@ def test_pushed_runs_report_page(pushed_run, tmp_path):
     lineage = page[page.index('<section id="lineage">'):]
     assert "PushedModel" in lineage and "Examples" in lineage
     # `deepseek-tfx report` writes the same run's page on demand.
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--run-dir", str(run_dir),
+    again = subprocess.run([sys.executable, "-m", "app.cli", "report", "--run-dir", str(run_dir),
                             "--out", str(tmp_path / "again.html")], capture_output=True, text=True,
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
     assert again.returncode == 0 and again.stdout.strip() == str(tmp_path / "again.html"), again.stderr
     assert "Model blessed and pushed: version" in (tmp_path / "again.html").read_text()
-    missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", "--run-dir", str(run_dir),
+    missing = subprocess.run([sys.executable, "-m", "app.cli", "report", "--run-dir", str(run_dir),
                               "--run-id", "no-such-run"], capture_output=True, text=True, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
     assert missing.returncode == 2 and "no pipeline run 'no-such-run'" in missing.stderr
@@ -146,8 +146,8 @@ def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run, tmp_
     assert "Trainer done (cached)" in out.stdout and "Model blessed and pushed to" in out.stdout
 
     # Each run's record is found by its own pipeline-run id.
-    from pipeline.inspect_metadata import collect
-    from pipeline.run_report import run_outcome
+    from app.inspect_metadata import collect
+    from app.run_report import run_outcome
 
     metadata = str(run_dir / "metadata.sqlite")
     runs = sorted(collect(metadata)["runs"], key=lambda r: r["created"])

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from pipeline.run_report import Blessing, RunOutcome  # noqa: E402
+from app.run_report import Blessing, RunOutcome  # noqa: E402
 from report import page  # noqa: E402
 
 
