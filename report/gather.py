@@ -65,7 +65,7 @@ def _topological(nodes: List[dict], edges: List[dict]) -> List[dict]:
 def gather(metadata_path: str, run_id: Optional[str] = None) -> Dict[str, Any]:
     from ml_metadata.proto import metadata_store_pb2
 
-    from app.inspect_metadata import _STATES, _props, _store, collect, lineage, read_evaluation
+    from app.inspect_metadata import EXECUTION_STATES, collect, lineage, open_store, properties, read_evaluation
     from app.run_report import run_outcome
 
     if not os.path.exists(metadata_path):
@@ -75,7 +75,7 @@ def gather(metadata_path: str, run_id: Optional[str] = None) -> Dict[str, Any]:
         outcome = run_outcome(metadata_path, run_id)
     except LookupError as e:
         raise ReportError(str(e)) from None
-    store = _store(metadata_path)
+    store = open_store(metadata_path)
     context = store.get_context_by_type_and_name("pipeline_run", run_id)
     info = collect(metadata_path)
     by_artifact = {a["id"]: a for a in info["artifacts"]}
@@ -83,8 +83,8 @@ def gather(metadata_path: str, run_id: Optional[str] = None) -> Dict[str, Any]:
     types = {t.id: t.name for t in store.get_execution_types()}
     nodes = []
     for e in store.get_executions_by_context(context.id):
-        props = _props(e)
-        state = _STATES.get(e.last_known_state, "?")
+        props = properties(e)
+        state = EXECUTION_STATES.get(e.last_known_state, "?")
         nodes.append({"id": e.id, "component": props.get("component_id", types[e.type_id].split(".")[-1]),
                       "state": state, "created": e.create_time_since_epoch,
                       "seconds": max(e.last_update_time_since_epoch - e.create_time_since_epoch, 0) / 1000.0,
