@@ -122,7 +122,8 @@ def _run_page(console, settings, run_id, failure=None) -> None:
     console.say(f"Report: {path}")
 
 
-def _report_failure(console, settings, run_id, error) -> None:
+def _report_failure(console, settings, run_id, error):
+    """Says why the run failed; -> the failed component (None when unknown)."""
     from app.run_report import (
         failure_lines,
         find_corrupt_tfrecord,

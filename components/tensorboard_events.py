@@ -14,7 +14,10 @@ run report draws from it). A resumed run starts at its checkpoint's step:
 everything after that step (and the last attempt's eval) is pruned from both
 before the new points come, so the curves continue without duplicated steps.
 The writing happens on a thread, so reading the engine's output never waits
-for a picture to be drawn."""
+for a picture to be drawn; when the engine logs faster than the pictures are
+drawn, a heatmap whose next interval is already waiting is skipped (the next
+one shows it too), so the scalars never fall behind and the last interval
+always has its picture."""
 
 from __future__ import annotations
 
@@ -139,12 +142,17 @@ class TrainingEvents:
         self.log_every: Optional[int] = None
         self.error: Optional[BaseException] = None
         self._writer = None
+        self._waiting_intervals = 0  # queued, not yet written
+        self._lock = threading.Lock()
         self._queue: "queue.Queue" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="tensorboard-events", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------- callers
     def __call__(self, record: Mapping) -> None:
+        if record.get("event") == "interval":
+            with self._lock:
+                self._waiting_intervals += 1
         self._queue.put(dict(record))
 
     def write_eval(self, step: int, evaluation: Mapping, experts: Optional[Mapping] = None) -> None:
@@ -208,6 +216,9 @@ class TrainingEvents:
         from report.plots import expert_load_heatmap, rgb
 
         step = int(record["step"])
+        with self._lock:
+            self._waiting_intervals -= 1
+            behind = self._waiting_intervals > 0
         clean = {k: v for k, v in record.items() if k not in ("event",)}
         self.records.append(clean)
         with self._open().as_default(step=step):
@@ -221,6 +232,8 @@ class TrainingEvents:
                         tf.summary.scalar(f"moe/{layer}/{key}", values[key])
                 share = np.asarray(stats["load_fraction"], np.float64) * len(stats["load_fraction"])
                 tf.summary.histogram(f"moe/{layer}/expert_load", share)
+                if behind:
+                    continue
                 history = [r for r in self.records if layer in (r.get("experts") or {})]
                 pixels = rgb(expert_load_heatmap(layer, history, self.log_every))
                 tf.summary.image(f"moe/{layer}/expert_load_heatmap", pixels[None],

@@ -13,12 +13,12 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: Optional[str] = "constrained"):
     # The object API, not pyplot: no global figure registry, safe in a
     # writer thread, no display backend.
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
 
 
 def png(fig, dpi: int = 100) -> bytes:
@@ -65,7 +65,10 @@ def expert_load_heatmap(layer: str, records: Sequence[Mapping], log_every: Optio
 
     load = relative_load(records, layer)
     steps = [r["step"] for r in records]
-    fig = _figure(width, height)
+    # Fixed margins: the constrained layout costs more than the drawing (this
+    # is drawn at every log interval for TensorBoard).
+    fig = _figure(width, height, layout=None)
+    fig.subplots_adjust(left=0.1, right=0.9, bottom=0.14, top=0.9)
     ax = fig.add_subplot()
     norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, float(load.max())))
     mesh = ax.pcolormesh(step_edges(steps, log_every), np.arange(load.shape[0] + 1) - 0.5, load,
@@ -75,7 +78,7 @@ def expert_load_heatmap(layer: str, records: Sequence[Mapping], log_every: Optio
     if load.shape[0] <= 16:
         ax.set_yticks(range(load.shape[0]))
     ax.set_title(f"{layer}: expert load per log interval")
-    fig.colorbar(mesh, ax=ax, label="load / mean load (1 = balanced)")
+    fig.colorbar(mesh, ax=ax, label="load / mean load (1 = balanced)", fraction=0.05, pad=0.02)
     return fig
 
 
