@@ -90,7 +90,10 @@ def _run_pipeline(args, console) -> int:
         run_local(settings, run_id=run_id)
     except Exception as e:  # any component's failure: a short account here, the traceback in the log
         console.log_exception(e)
-        _report_failure(console, settings, run_id, e)
+        component = _report_failure(console, settings, run_id, e)
+        from app.run_report import failure_lines
+
+        _run_page(console, settings, run_id, {"component": component, "lines": failure_lines(e)})
         return EXIT_FAILED
     outcome = run_outcome(metadata, run_id)
     console.say()
@@ -112,10 +115,27 @@ def _run_pipeline(args, console) -> int:
                 console.say(f"    - {failure}")
         code = EXIT_NOT_PUSHED
     console.say(f"Inspect the run: deepseek-tfx inspect --run-dir {settings.run_dir}")
+    _run_page(console, settings, run_id)
     return code
 
 
-def _report_failure(console, settings, run_id, error) -> None:
+def _run_page(console, settings, run_id, failure=None) -> None:
+    """The run's HTML report (report.page); a report that cannot be written
+    is said in one line and changes no exit status."""
+    from report.page import default_path, write_report
+
+    try:
+        path = write_report(settings.path("metadata"), default_path(os.path.abspath(settings.run_dir), run_id),
+                            run_id=run_id, failure=failure)
+    except Exception as e:  # noqa: BLE001
+        console.log_exception(e)
+        console.say(f"deepseek-tfx: could not write the run report: {type(e).__name__}: {e}")
+        return
+    console.say(f"Report: {path}")
+
+
+def _report_failure(console, settings, run_id, error):
+    """Says why the run failed; -> the failed component (None when unknown)."""
     from app.run_report import (
         failure_lines,
         find_corrupt_tfrecord,
@@ -142,6 +162,7 @@ def _report_failure(console, settings, run_id, error) -> None:
         if corrupt:
             console.say(f"  corrupt TFRecord file: {corrupt}", error=True)
     console.say(f"The traceback and all other output are in {console.log_path}", error=True)
+    return component
 
 
 def _cmd_inspect(args) -> int:
@@ -172,6 +193,25 @@ def _metadata_target(args):
 
     return MetadataTarget.of(getattr(args, "metadata_path", None)
                              or os.path.join(args.run_dir, "metadata.sqlite"), args.metadata_mysql)
+
+
+def _cmd_report(args) -> int:
+    from report.gather import ReportError
+    from report.page import default_path, write_report
+
+    path = args.metadata_path or os.path.join(args.run_dir, "metadata.sqlite")
+    try:
+        if args.run_id is None:
+            from report.gather import latest_run_id
+
+            args.run_id = latest_run_id(path) if os.path.exists(path) else None
+        out = args.out or default_path(args.run_dir, args.run_id or "latest")
+        written = write_report(path, out, run_id=args.run_id)
+    except (ReportError, OSError) as e:
+        print(f"deepseek-tfx report: {e}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
 
 
 def _parse_prompt(text: str, index: int):
@@ -378,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--dot", help="also write the lineage graph as Graphviz to this file")
     inspect.set_defaults(func=_cmd_inspect)
+
+    rep = sub.add_parser("report", help="write a run's report: one self-contained HTML page")
+    rep.add_argument("--run-dir", default="runs/default")
+    rep.add_argument("--metadata-path")
+    rep.add_argument("--run-id", help="the pipeline run (default: the newest in the store)")
+    rep.add_argument("--out", help="the HTML file (default <run-dir>/reports/run-<id>.html)")
+    rep.set_defaults(func=_cmd_report)
 
     gen = sub.add_parser("generate", help="sample from the latest pushed SavedModel")
     gen.add_argument("--run-dir", default="runs/default")

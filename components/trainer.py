@@ -19,12 +19,14 @@ What it does, in order:
    nothing of the size of the run is written to disk). A resumed run reads
    and discards the batches of its done steps, so it sees the same batches
    at the same steps. Its progress, checkpoint and balance lines are
-   forwarded to `log_fn`. The engine trains on every device JAX sees (data
-   parallel, or `expert_parallel`), resumes from `training.checkpoint_dir`,
-   and writes the trained weights.
+   forwarded to `log_fn`; its metrics records become TensorBoard events in
+   `fn_args.model_run_dir` as they come (`components.tensorboard_events`).
+   The engine trains on every device JAX sees (data parallel, or
+   `expert_parallel`), resumes from `training.checkpoint_dir`, and writes
+   the trained weights.
 4. Loads the weights into a float32 TF-backend model, evaluates it on
-   `fn_args.eval_files` (`model.evaluation`), writes TensorBoard scalars to
-   `fn_args.model_run_dir`, and exports under the model artifact uri:
+   `fn_args.eval_files` (`model.evaluation`), adds the eval metrics to the
+   TensorBoard events, and exports under the model artifact uri:
    `keras/model.keras`, `training_summary.json`, and the SavedModel
    (`serving_default`, `generate`; `components.export`) in serving_model_dir.
 """
@@ -41,6 +43,7 @@ from typing import Callable
 
 import numpy as np
 
+from components.tensorboard_events import METRICS_FILE, TrainingEvents
 from components.trainer_config import TrainerConfigError, custom_config, parse_fn_args  # noqa: F401
 from components.trainer_input import TokenDataError, data_identity, read_batches, stream_batches  # noqa: F401
 from training.worker import json_safe
@@ -80,24 +83,11 @@ def load_trained_model(config, weights_path: str):
     return model
 
 
-def _write_tensorboard(log_dir: str, history) -> None:
-    import tensorflow as tf
-
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for h in history:
-            step = h["step"]
-            for key in ("loss", "next_token_loss", "perplexity", "learning_rate",
-                        "tokens_per_second", "max_grad_norm"):
-                if h.get(key) is not None:
-                    tf.summary.scalar(f"train/{key}", h[key], step=step)
-            for layer, s in (h.get("experts") or {}).items():
-                for key in ("load_max_min_ratio", "load_cv", "dropped_fraction", "bias_mean",
-                            "bias_spread"):
-                    if s.get(key) is not None:
-                        tf.summary.scalar(f"moe/{layer}/{key}", s[key], step=step)
-    writer.flush()
-    writer.close()
+def _close_quietly(events) -> None:
+    try:
+        events.close()
+    except RuntimeError:
+        pass
 
 
 # ----------------------------------------------------------------- run_fn
@@ -159,20 +149,27 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
             mirror.on_line(line)  # each checkpoint to the URI as soon as it is in place
         log_fn(line)
 
+    events = TrainingEvents(fn_args.model_run_dir, log_fn)
     try:
         engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=engine_line,
-                                   batches=train_batches, stall_timeout_s=t.engine_stall_timeout_s)
+                                   batches=train_batches, stall_timeout_s=t.engine_stall_timeout_s,
+                                   metrics_fn=events)
     except launch.TrainingDivergedError as e:
+        _close_quietly(events)
         raise RuntimeError(str(e)) from None
     except launch.EngineFailed as e:
+        _close_quietly(events)  # the points so far stay readable; the engine's error is the news
         if not remote_run_dir:
             raise
         # The local work directory does not outlive the pod: the log goes with the run.
         log_uri = _copy_engine_log(workdir, fn_args.model_run_dir)
         raise launch.EngineFailed(str(e).replace(os.path.join(workdir, "engine.log"), log_uri)) from None
+    except BaseException:
+        _close_quietly(events)
+        raise
     if engine["final_step"] != train_steps:
+        _close_quietly(events)
         raise RuntimeError(f"training ended at step {engine['final_step']}, expected {train_steps}")
-    _write_tensorboard(fn_args.model_run_dir, engine["loss_history"])
 
     inference = load_trained_model(config, os.path.join(spec["output_dir"], "weights.npz"))
     artifact = model_artifact_uri(fn_args.serving_model_dir)
@@ -185,6 +182,8 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
                                                  np.asarray(stats["bias"]))
         log_fn(f"eval loss {evaluation['eval_loss']:.4f} (ppl {evaluation['eval_perplexity']:.2f})"
                f" over {evaluation['eval_batches']} batches")
+        events.write_eval(engine["final_step"], evaluation, eval_experts)
+    events.close()
     keras_path = export.save_keras_model(inference, os.path.join(artifact, KERAS_MODEL_PATH))
     export.export_saved_model(inference, settings.seq_len, fn_args.serving_model_dir)
 
@@ -214,6 +213,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "final_train_perplexity": last.get("perplexity"),
         "tokens_trained": engine["tokens_trained"],
         "train_seconds": engine["train_seconds"],
+        "train_finished_at": engine["train_finished_at"],
         "tokens_per_second": engine["tokens_per_second"],
         "steady_tokens_per_second": engine["steady_tokens_per_second"],
         "first_step_seconds": engine["first_step_seconds"],
@@ -229,6 +229,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "keras_model": keras_path,
         "serving_model_dir": fn_args.serving_model_dir,
         "tensorboard_dir": fn_args.model_run_dir,
+        "metrics_file": os.path.join(fn_args.model_run_dir, METRICS_FILE),
     }
     tf.io.gfile.makedirs(artifact)
     with tf.io.gfile.GFile(os.path.join(artifact, SUMMARY_FILE), "w") as f:

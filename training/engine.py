@@ -4,7 +4,8 @@ model's own declaration, `model.sharding`).
 
 `Engine` builds the model, optimizer and mesh; `Engine.train` is the loop:
 it feeds numpy batches, checks the loss for NaN/inf every step, and hands
-each step's metrics to `training.metrics` (console lines, history) and its
+each step's metrics to `training.metrics` (console lines, history, and the
+records for `metrics_fn`) and its
 state to `training.checkpoint` (atomic, mesh-independent checkpoints).
 No TensorFlow is imported.
 """
@@ -48,9 +49,11 @@ class Engine:
     """Builds the model, optimizer and mesh; `train(tokens)` runs the loop."""
 
     def __init__(self, config, settings: TrainingSettings, devices=None,
-                 log_fn: Callable[[str], None] = print, data_identity: Optional[str] = None):
+                 log_fn: Callable[[str], None] = print, data_identity: Optional[str] = None,
+                 metrics_fn: Optional[Callable[[dict], None]] = None):
         """`data_identity`: the caller's identity of the training data (the
-        Trainer adapter hashes its files), part of the checkpoint fingerprint."""
+        Trainer adapter hashes its files), part of the checkpoint fingerprint.
+        `metrics_fn`: gets each interval's record (the Trainer's live TensorBoard)."""
         import jax
         import keras
 
@@ -62,6 +65,7 @@ class Engine:
         self.config = config
         self.s = s = settings
         self.log_fn = log_fn
+        self.metrics_fn = metrics_fn  # each interval's record as a dict (training.metrics)
         self.devices = list(devices if devices is not None else jax.devices())
         self.platform = self.devices[0].platform
         self.plan = plan_mesh(len(self.devices), s.expert_parallel, config.n_routed_experts,
@@ -193,7 +197,7 @@ class Engine:
         state = self._state()
         start_step, state = checkpoints.resume(state) if checkpoints else (0, state)
         sharding = batch_sharding(self.distribution, 3)
-        metrics = TrainingMetrics(s, self.moe_names, start_step, self.log_fn)
+        metrics = TrainingMetrics(s, self.moe_names, start_step, self.log_fn, self.metrics_fn)
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
         compiled = None
         with dtype_policy(self.policy):

@@ -221,10 +221,15 @@ def failure_paragraph(returncode: int, tail, log_path: Optional[str], stalled_s:
 
 
 def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
-                stall_timeout_s: Optional[float] = None) -> None:
-    """Forwards the child's own lines to log_fn and all of its output to its
-    engine.log until it exits; EngineFailed (one paragraph) unless it
-    succeeded. Signals to this process are forwarded to the child."""
+                stall_timeout_s: Optional[float] = None,
+                metrics_fn: Optional[Callable[[dict], None]] = None) -> None:
+    """Forwards the child's own lines to log_fn, its metrics records
+    (training.worker.METRICS_PREFIX lines) to metrics_fn as they come, and
+    all of its output to its engine.log until it exits; EngineFailed (one
+    paragraph) unless it succeeded. Signals to this process are forwarded
+    to the child."""
+    from training.worker import METRICS_PREFIX
+
     tail = collections.deque(maxlen=40)
     log_path = getattr(proc, "log_path", None)
     watchdog = _Watchdog(proc, stall_timeout_s) if stall_timeout_s else None
@@ -241,6 +246,14 @@ def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
                     log.write(line)
                     log.flush()
                 line = line.rstrip("\n")
+                if line.startswith(METRICS_PREFIX):
+                    try:
+                        record = json.loads(line[len(METRICS_PREFIX):])
+                    except ValueError:  # cut by library noise on the same pipe: only a lost point
+                        record = None
+                    if record is not None and metrics_fn is not None:
+                        metrics_fn(record)
+                    continue
                 tail.append(line)
                 if line.startswith(_ENGINE_PREFIXES):
                     log_fn(line)
@@ -297,15 +310,17 @@ class BatchFeeder(threading.Thread):
 
 def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
                log_fn: Callable[[str], None] = print, batches: Optional[Iterable] = None,
-               stall_timeout_s: Optional[float] = None) -> dict:
-    """Runs the engine to completion; returns its result.json. With
+               stall_timeout_s: Optional[float] = None,
+               metrics_fn: Optional[Callable[[dict], None]] = None) -> dict:
+    """Runs the engine to completion; returns its result.json. metrics_fn
+    gets each of the engine's metrics records as it reports it. With
     `batches` (an iterable of [B, S] int arrays, for a spec with
     `"tokens": "stdin"`) a background thread streams them to the child.
     `stall_timeout_s`: kill the child as hung after that long without output."""
     if batches is None:
         proc = start_worker(spec, spec_path, env or worker_env())
         try:
-            wait_worker(proc, log_fn, stall_timeout_s)
+            wait_worker(proc, log_fn, stall_timeout_s, metrics_fn)
         finally:
             if proc.poll() is None:  # interrupted while the child runs
                 kill_group(proc)
@@ -325,7 +340,7 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
         feeder = BatchFeeder(os.fdopen(write_end, "wb"), batches)
         feeder.start()
         try:
-            wait_worker(proc, log_fn, stall_timeout_s)
+            wait_worker(proc, log_fn, stall_timeout_s, metrics_fn)
         except EngineFailed as failed:
             feeder.stop.set()
             feeder.join(timeout=60)

@@ -36,8 +36,8 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
     """-> jit(step)(tv, ntv, ov, ids, mask) -> (tv, ntv, ov, metrics), the
     state donated and its output shardings those of the variables now
     (model.trainable / non_trainable variables, optimizer.variables), the
-    metrics replicated: loss, ce, and per MoE layer load, dropped, bias
-    (and micro_load with record_history)."""
+    metrics replicated: loss, ce, the gradients' global norm, and per MoE
+    layer load, dropped, bias (and micro_load with record_history)."""
     import jax
     from keras import ops
 

@@ -24,7 +24,10 @@ resumed run reads and discards the micro-batches of the steps it has done.
 `training.launch.run_worker(..., batches=...)` feeds them. With several
 processes each one reads its own stdin and must get the same stream.
 
-Console lines go to stdout (flushed). Multi-process: set
+Console lines go to stdout (flushed), and beside them one JSON line per
+engine metrics record (`METRICS_PREFIX` + json; the engine's `metrics_fn`:
+the start step, then every log interval), which
+`training.launch.wait_worker` hands to its `metrics_fn`. Multi-process: set
 KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID in every
 process (see training.parallel); process 0 writes the outputs.
 """
@@ -61,6 +64,10 @@ def named_error(error: BaseException):
         return (f"out of device memory (RESOURCE_EXHAUSTED): lower batch_size, seq_len or the model "
                 f"size, or use gradient_accumulation / more devices ({first})")
     return None
+
+
+# Interval records for the Trainer's live TensorBoard: one JSON line each.
+METRICS_PREFIX = "@metrics "
 
 
 def json_safe(value):
@@ -130,7 +137,11 @@ def _main(argv=None) -> int:
     devices = jax.devices()
     if spec.get("num_devices"):
         devices = devices[:int(spec["num_devices"])]
-    engine = Engine(config, settings, devices=devices, log_fn=log, data_identity=spec.get("data_identity"))
+    def report(record: dict) -> None:
+        log(METRICS_PREFIX + json.dumps(json_safe(record)))
+
+    engine = Engine(config, settings, devices=devices, log_fn=log, data_identity=spec.get("data_identity"),
+                    metrics_fn=report)
     log(f"engine: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
         f"{settings.seq_len}, batch {settings.batch_size} x {settings.gradient_accumulation} "
         f"accumulation, {settings.train_steps} steps on {len(devices)} {engine.platform} "
