@@ -29,6 +29,7 @@ import numpy as np
 
 from model.checks import PRECISIONS
 from training.checkpoint import Checkpointer, CheckpointMismatchError, relative_path
+from training.expert_parallel import install as install_dispatch
 from training.optim import WarmupCosineSchedule, make_optimizer, warmup_cosine_lr
 from training.parallel import MeshError, batch_sharding, global_array, make_distribution, plan_mesh, to_host
 
@@ -48,6 +49,10 @@ class EngineSettings:
     grad_clip_norm: Optional[float] = 1.0
     gradient_accumulation: int = 1
     expert_parallel: int = 1
+    # All-to-all rows per destination as a multiple of the even share
+    # (training/expert_parallel.py); fuller micro-batches take the worst-case
+    # buffer, nothing is dropped.
+    dispatch_capacity_factor: float = 1.5
     precision: str = "auto"
     seed: int = 0
     checkpoint_dir: Optional[str] = None
@@ -61,6 +66,10 @@ class EngineSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineSettings.{name}: must be an integer >= 1, got {value!r}")
+        factor = self.dispatch_capacity_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0:
+            raise ValueError(f"EngineSettings.dispatch_capacity_factor: must be a number >= 1.0, "
+                             f"got {factor!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"EngineSettings.precision: must be one of {PRECISIONS}, "
                              f"got {self.precision!r}")
@@ -187,6 +196,11 @@ class Engine:
                                             s.grad_clip_norm)
             self.optimizer.build(self.model.trainable_variables)
         self._lay_out()
+        # Several devices: the routed experts run per device (all-to-all with
+        # expert_parallel > 1); one device keeps the model's own code.
+        self.dispatch = (install_dispatch(self.model, self.distribution.device_mesh.backend_mesh,
+                                          s.dispatch_capacity_factor)
+                         if len(self.devices) > 1 else None)
         self.moe_names = [layer.name for layer in self.model.decoder_layers
                           if layer.mlp in self.model.moe_layers()]
         self.fingerprint = {"model_config": config.to_dict(), "seq_len": s.seq_len,
@@ -224,13 +238,19 @@ class Engine:
                      for v in model.trainable_variables]
         accumulation = s.gradient_accumulation
 
+        dispatch = self.dispatch
+
         def loss_fn(tv, ntv, ids, mask):
             inputs = ids if mask is None else {"token_ids": ids, "padding_mask": mask}
+            if dispatch is not None:
+                dispatch.start()
             logits, ntv, losses = model.stateless_call(tv, ntv, inputs, training=True,
                                                        return_losses=True)
+            # MoE calls of this micro-batch that took the worst-case buffer.
+            overflow = sum(dispatch.collect()) if dispatch is not None else 0
             ce = next_token_ce(logits, ids, mask)
             loss = ce + (sum(losses) if losses else 0.0)
-            return loss, (ce, ntv)
+            return loss, (ce, ntv, jax.numpy.int32(overflow))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -240,18 +260,19 @@ class Engine:
             for i in load_idx + dropped_idx:  # counters cover this step only
                 ntv[i] = ops.zeros_like(ntv[i])
             def micro_step(carry, batch):
-                ntv, grads, loss_sum, ce_sum = carry
+                ntv, grads, loss_sum, ce_sum, overflow_sum = carry
                 ids, mask = batch
-                (loss, (ce, ntv)), g = grad_fn(tv, ntv, ids, mask)
+                (loss, (ce, ntv, overflow)), g = grad_fn(tv, ntv, ids, mask)
                 ntv = list(ntv)
                 for i, b in zip(bias_idx, bias0):  # one bias for the whole step
                     ntv[i] = b
                 # float8 scales are overwritten by their "gradient": keep the last.
                 grads = [gn if ow else ga + gn for ga, gn, ow in zip(grads, g, overwrite)]
-                return (ntv, grads, loss_sum + loss, ce_sum + ce), [ntv[i] for i in load_idx]
+                return ((ntv, grads, loss_sum + loss, ce_sum + ce, overflow_sum + overflow),
+                        [ntv[i] for i in load_idx])
 
             if accumulation == 1:  # no accumulator buffers
-                (loss_sum, (ce_sum, ntv)), grads = grad_fn(
+                (loss_sum, (ce_sum, ntv, overflow_sum)), grads = grad_fn(
                     tv, ntv, ids[0], None if mask is None else mask[0])
                 ntv = list(ntv)
                 for i, b in zip(bias_idx, bias0):
@@ -259,9 +280,10 @@ class Engine:
                 micro_loads = [[ntv[i] for i in load_idx]]
             else:  # a scan: the step compiles once whatever the accumulation
                 zeros = [jax.numpy.zeros_like(x) for x in tv]
-                carry = (ntv, zeros, jax.numpy.float32(0.0), jax.numpy.float32(0.0))
+                carry = (ntv, zeros, jax.numpy.float32(0.0), jax.numpy.float32(0.0),
+                         jax.numpy.int32(0))
                 carry, micro_loads = jax.lax.scan(micro_step, carry, (ids, mask))
-                ntv, grads, loss_sum, ce_sum = carry
+                ntv, grads, loss_sum, ce_sum, overflow_sum = carry
             ntv = list(ntv)
             if accumulation > 1:
                 grads = [g if ow else g / accumulation for g, ow in zip(grads, overwrite)]
@@ -271,6 +293,7 @@ class Engine:
                     ntv[i] = ops.cast(router_bias_update(b, load, gamma), b.dtype)
             tv, ov = optimizer.stateless_apply(ov, grads, tv)
             metrics = {"loss": loss_sum / accumulation, "ce": ce_sum / accumulation,
+                       "dispatch_overflow": overflow_sum,
                        "load": ops.stack(loads) if loads else ops.zeros((0,)),
                        "dropped": ops.stack([ntv[i] for i in dropped_idx]) if loads
                        else ops.zeros((0,)),
@@ -341,6 +364,17 @@ class Engine:
         """Every model variable's full value, keyed by its path inside the model."""
         return {relative_path(v): to_host(v.value) for v in self.model.weights}
 
+    def compiled_step(self, micro_batches: np.ndarray, padding_mask: Optional[np.ndarray] = None):
+        """The compiled JAX step for [A, B, S] batches of this shape (its
+        `as_text()` HLO and `memory_analysis()` are what the plan command,
+        the benchmarks and the tests read). Training does not run."""
+        sharding = batch_sharding(self.distribution, 3)
+        ids = global_array(np.asarray(micro_batches, np.int32), sharding)
+        mask = None if padding_mask is None else global_array(
+            np.asarray(padding_mask, np.int32), sharding)
+        with dtype_policy(self.policy):
+            return self._step_fn.lower(*self._state(), ids, mask).compile()
+
     def step_runner(self, micro_batches: np.ndarray):
         """-> (run, compile_seconds): `run()` takes one optimizer step on the
         same [A, B, S] batch and returns the loss array (benchmarks)."""
@@ -348,7 +382,7 @@ class Engine:
         ids = global_array(np.asarray(micro_batches, np.int32), sharding)
         state = list(self._state())
         start = time.perf_counter()
-        compiled = self._step_fn.lower(*state, ids, None).compile()
+        compiled = self.compiled_step(micro_batches)
         compile_seconds = time.perf_counter() - start
 
         def run():
@@ -400,6 +434,7 @@ class Engine:
         interval_start_step = start_step
         first_step_seconds = None
         interval_loss = interval_ce = 0.0
+        overflow_steps = overflow_calls = 0
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
         compiled = None
         with dtype_policy(self.policy):
@@ -426,6 +461,8 @@ class Engine:
                         f"{warmup_cosine_lr(step, s.learning_rate, s.warmup_steps, s.train_steps):.3g}"
                         f"); {where}. Lower training.learning_rate or raise warmup_steps.")
                 interval_loss += loss
+                overflow_calls += int(m["dispatch_overflow"])
+                overflow_steps += int(m["dispatch_overflow"] > 0)
                 interval_ce += float(m["ce"])
                 load, dropped = np.asarray(m["load"], np.float64), np.asarray(m["dropped"], np.float64)
                 interval_load = load if interval_load is None else interval_load + load
@@ -433,6 +470,7 @@ class Engine:
                 if s.record_history:
                     steps_log.append({"step": done, "loss": loss, "ce": float(m["ce"]),
                                       "load": m["load"].tolist(), "bias": m["bias"].tolist(),
+                                      "dispatch_overflow": int(m["dispatch_overflow"]),
                                       "micro_load": m["micro_load"].tolist()
                                       if "micro_load" in m else None})
                 if done % s.log_every == 0 or done == s.train_steps:
@@ -478,6 +516,11 @@ class Engine:
             "processes": jax.process_count(),
             "mesh": self.plan.to_dict(),
             "expert_parallel": s.expert_parallel,
+            # Steps in which some MoE call took the worst-case all-to-all
+            # buffer (nothing is dropped either way); null on one device.
+            "dispatch": None if self.dispatch is None else {
+                "capacity_factor": s.dispatch_capacity_factor, "overflow_steps": overflow_steps,
+                "overflow_moe_calls": overflow_calls},
             "gradient_accumulation": s.gradient_accumulation,
             "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8},
             "start_step": start_step, "final_step": end, "resumed": start_step > 0,
