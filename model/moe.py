@@ -121,10 +121,10 @@ def topk_route(c: DeepSeekV3Config, x, weight, bias):
 
 
 def sequence_aux_terms(c: DeepSeekV3Config, scores, valid, batch, seq_len):
-    """Sequence-wise balance loss (paper eqs. 17-20) as (sum over sequences of
-    sum_i f_i P_i, number of sequences with real tokens): sums, so devices
-    holding different sequences can add them. f_i counts the plain top-k of
-    s_i (no bias, no group limit); pads are left out of both sums and T."""
+    """Sequence-wise balance loss (paper eqs. 17-20) per sequence: (sum_i f_i
+    P_i [B], 1 if the sequence has real tokens [B]); the loss is alpha times
+    the first's sum over the second's. f_i counts the plain top-k of s_i (no
+    bias, no group limit); pads are left out of both sums and T."""
     e, k = c.n_routed_experts, c.num_experts_per_tok
     real = ops.reshape(ops.cast(valid, "float32"), (batch, seq_len))
     length = ops.sum(real, axis=1)  # T per sequence
@@ -135,7 +135,7 @@ def sequence_aux_terms(c: DeepSeekV3Config, scores, valid, batch, seq_len):
     normed = scores / ops.sum(scores, axis=-1, keepdims=True)
     p = ops.sum(ops.reshape(normed, (batch, seq_len, e)) * real[..., None], axis=1) / safe_length
     has_tokens = ops.cast(length > 0, "float32")
-    return ops.sum(ops.sum(f * p, axis=-1) * has_tokens), ops.sum(has_tokens)
+    return ops.sum(f * p, axis=-1) * has_tokens, has_tokens
 
 
 def routed_assignments(c: DeepSeekV3Config, flat, valid, weight, bias):
@@ -302,7 +302,8 @@ class DeepSeekMoE(keras.layers.Layer):
         dropped = ops.sum(ops.cast(valid_choice, "float32")) - ops.sum(ops.cast(kept, "float32"))
         aux_sum = aux_sequences = ops.zeros((), "float32")
         if training and c.seq_aux_loss_alpha > 0:
-            aux_sum, aux_sequences = sequence_aux_terms(c, scores, valid, batch, seq_len)
+            aux_sum, aux_sequences = (ops.sum(t) for t in sequence_aux_terms(
+                c, scores, valid, batch, seq_len))
         return out, load, dropped, real_tokens, aux_sum, aux_sequences
 
     # ------------------------------------------------------------- balancing

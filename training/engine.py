@@ -209,6 +209,7 @@ class Engine:
                             "gradient_accumulation": s.gradient_accumulation,
                             "learning_rate": s.learning_rate, "warmup_steps": s.warmup_steps}
         self._step_fn = self._build_step()
+        self.last_compiled = None  # the step `train` compiled (its HLO: training/hlo.py)
 
     def _lay_out(self) -> None:
         """Every model and optimizer variable onto the layout the
@@ -444,7 +445,8 @@ class Engine:
                 mask = (None if padding_mask is None else global_array(
                     np.asarray(padding_mask[step * A:(step + 1) * A], np.int32), sharding))
                 if compiled is None:
-                    compiled = self._step_fn.lower(tv, ntv, ov, ids, mask).compile()
+                    compiled = self.last_compiled = self._step_fn.lower(
+                        tv, ntv, ov, ids, mask).compile()
                     _wait_for_all_processes("deepseek_tfx_step_compiled")
                 tv, ntv, ov, metrics = compiled(tv, ntv, ov, ids, mask)
                 m = jax.device_get(metrics)

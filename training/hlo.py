@@ -36,6 +36,7 @@ class Collective:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "name": self.name, "computation": self.computation,
                 "shapes": [f"{d}[{','.join(map(str, s))}]" for d, s in self.shapes],
+                "dims": [list(s) for _, s in self.shapes],
                 "bytes": self.bytes, "replica_groups": self.replica_groups}
 
 

@@ -9,7 +9,8 @@ or by hand on a machine with JAX and no TensorFlow. SPEC:
      "padding_mask": "<.npy, same shape>" | null,
      "output_dir": "<dir>",          # gets result.json and weights.npz
      "num_devices": int | null,      # default: every device (all processes)
-     "save_weights": true, "stop_after": null, "report_shardings": false}
+     "save_weights": true, "stop_after": null, "report_shardings": false,
+     "report_collectives": false}    # the compiled step's collectives (training/hlo.py)
 
 "tokens": "stdin" streams the batches: stdin carries train_steps x
 gradient_accumulation micro-batches of [batch_size, seq_len] int32 (native
@@ -109,6 +110,11 @@ def main(argv=None) -> int:
     out = spec["output_dir"]
     if spec.get("report_shardings"):
         result["shardings"] = sharding_report(engine)
+    if spec.get("report_collectives") and engine.last_compiled is not None:
+        from training import hlo
+
+        result["collectives"] = [op.to_dict() for op in
+                                 hlo.collectives(engine.last_compiled.as_text())]
     weights = engine.weights()  # collective in multi-process runs: every process calls it
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
