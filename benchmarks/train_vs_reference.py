@@ -75,10 +75,11 @@ def measure_engine(config, batch: int, seq_len: int, repeats: int,
                    devices=None) -> Dict[str, Any]:
     """The Trainer's jitted step (training.engine) on one fixed batch."""
     from model.analysis import parameter_count, train_flops_per_token
-    from training.engine import Engine, EngineSettings
+    from training.engine import Engine
+    from training.settings import TrainingSettings
 
-    engine = Engine(config, EngineSettings(batch_size=batch, seq_len=seq_len,
-                                           train_steps=repeats + 2), devices=devices,
+    engine = Engine(config, TrainingSettings(batch_size=batch, seq_len=seq_len,
+                                             train_steps=repeats + 2), devices=devices,
                     log_fn=lambda line: None)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq_len))
     run, compile_seconds = engine.step_runner(ids.astype("int32"))

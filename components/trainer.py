@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from components.trainer_config import TrainerConfigError, TrainerSettings, parse_custom_config, validate_steps  # noqa: F401
+from components.trainer_config import TrainerConfigError, TrainerSettings, custom_config, parse_fn_args  # noqa: F401
 from training.worker import json_safe
 
 SUMMARY_FILE = "training_summary.json"
@@ -188,12 +188,7 @@ def _write_tensorboard(log_dir: str, history) -> None:
 def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     """TFX entry point (log_fn exists for tests and scripts). Returns the
     training summary it also writes."""
-    settings = parse_custom_config(fn_args.custom_config, fn_args.model_run_dir)
-    train_steps, eval_steps = validate_steps(fn_args.train_steps, fn_args.eval_steps)
-    if not fn_args.serving_model_dir:
-        raise TrainerConfigError("fn_args.serving_model_dir: empty")
-    if not fn_args.model_run_dir:
-        raise TrainerConfigError("fn_args.model_run_dir: empty")
+    settings = parse_fn_args(fn_args)
 
     import tensorflow as tf
 
@@ -203,7 +198,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     from training.engine import expert_summary
 
     t = settings.training
-    config = settings.model_config
+    config, train_steps = settings.model_config, t.train_steps
     started = time.perf_counter()
     workdir = os.path.join(fn_args.model_run_dir, "engine")
     os.makedirs(workdir, exist_ok=True)
@@ -212,7 +207,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     eval_tokens = None
     if fn_args.eval_files:
         eval_tokens = read_batches(fn_args, settings, fn_args.eval_files,
-                                   t.eval_batches or eval_steps, "eval_files")
+                                   t.eval_batches or settings.eval_steps, "eval_files")
     log_fn(f"trainer: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
            f"{settings.seq_len}, batch {t.batch_size} x {t.gradient_accumulation} accumulation, "
            f"{train_steps} steps; {micro_batches} batches streamed to the engine (Keras on JAX "
@@ -220,14 +215,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
 
     spec = {
         "model_config": config.to_dict(),
-        "engine": {"batch_size": t.batch_size, "seq_len": settings.seq_len,
-                   "train_steps": train_steps, "learning_rate": t.learning_rate,
-                   "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay,
-                   "grad_clip_norm": t.grad_clip_norm,
-                   "gradient_accumulation": t.gradient_accumulation,
-                   "expert_parallel": t.expert_parallel, "precision": t.precision,
-                   "seed": t.seed, "checkpoint_dir": t.checkpoint_dir,
-                   "checkpoint_every": t.checkpoint_every, "log_every": t.log_every},
+        "engine": t.to_dict(),
         "tokens": "stdin",  # the batches of train_batches, in order
         "output_dir": os.path.join(workdir, "out"),
     }
@@ -260,12 +248,13 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     summary = {
         "seq_len": settings.seq_len,
         "model_config": config.to_dict(),
-        "training": t.to_dict(),
+        "training": custom_config(config, t)["training"],
         "train_steps": train_steps,
         "start_step": engine["start_step"],
         "resumed": engine["resumed"],
         "final_step": engine["final_step"],
         "backend": engine["backend"],
+        "engine_environment": engine.get("engine_environment"),  # Python, JAX, jaxlib, Keras
         "precision": engine["precision"],
         "devices": engine["devices"],
         "num_devices": engine["num_devices"],

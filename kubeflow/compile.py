@@ -175,14 +175,6 @@ def _check_root(pipeline_root: str) -> str:
 
 
 # --------------------------------------------------------------------------- compile
-def _retarget_checkpoints(trainer, settings, pipeline_root: str) -> None:
-    raw = trainer.exec_properties.get("custom_config")
-    config = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
-    config.setdefault("training", {})["checkpoint_dir"] = _join(
-        pipeline_root, "checkpoints", settings.training_fingerprint())
-    trainer.exec_properties["custom_config"] = json.dumps(config, sort_keys=True)
-
-
 class _quiet_inverted_image_warning:
     """TFX 1.16 warns "DEFAULT_IMAGE_PATH_KEY is not found in default_image"
     exactly when it *is* found (an inverted check in pipeline_builder); drop
@@ -227,7 +219,8 @@ def compile_pipeline(settings, output: str, image: str, pipeline_root: str,
     pipeline_root = _check_root(pipeline_root)
     resources = trainer_resource_spec(gpu_type or DEFAULT_GPU_TYPE[platform], gpu_count, cpu, memory)
     settings = settings.replace(pipeline_root=pipeline_root,
-                                serving_dir=settings.serving_dir or _join(pipeline_root, "serving"))
+                                serving_dir=settings.serving_dir or _join(pipeline_root, "serving"),
+                                checkpoint_root=_join(pipeline_root, "checkpoints"))
     if beam_args is None:
         beam_args = beam_pipeline_args("DirectRunner", (), settings.beam_pipeline_args)
 
@@ -235,8 +228,6 @@ def compile_pipeline(settings, output: str, image: str, pipeline_root: str,
                                trainer_platform_config=resources, baseline=PLATFORM_BASELINE[platform])
     if platform in PLATFORM_NOTES:
         print(f"deepseek-tfx: warning: {PLATFORM_NOTES[platform]}", file=sys.stderr)
-    trainer = next(c for c in pipeline.components if c.id == TRAINER_ID)
-    _retarget_checkpoints(trainer, settings, pipeline_root)
 
     images: Any = image
     if trainer_image and trainer_image != image:

@@ -9,7 +9,10 @@ import os
 from typing import Any, Dict, List, Optional
 
 from model import ConfigError, DeepSeekV3Config, get_preset
-from model.checks import PRECISIONS, check_int
+from model.checks import check_int
+from training.settings import TrainingSettings, TrainingSettingsError
+
+_T = TrainingSettings  # the training fields' defaults (and rules) are its
 
 
 def _is_remote(path: str) -> bool:
@@ -30,23 +33,26 @@ class PipelineSettings:
     # Data: the synthetic generator, or the user's own TFRecords.
     data_kind: str = "markov"
     data_params: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"order": 1, "temperature": 0.5})
-    seq_len: int = 64
+    seq_len: int = _T.seq_len
     train_examples: int = 4096
     eval_examples: int = 512
     data_seed: int = 0
     examples_dir: Optional[str] = None  # ImportExampleGen over these TFRecords instead
-    # Training.
-    train_steps: int = 300
+    # Training: the fields of training.settings.TrainingSettings (same names,
+    # its defaults, validated by it); `training` builds it.
+    train_steps: int = _T.train_steps
     eval_steps: int = 8
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    precision: str = "auto"
-    expert_parallel: int = 1        # devices per routed-expert shard group (training/parallel.py)
-    gradient_accumulation: int = 1  # micro-batches per optimizer step
-    checkpoint_every: int = 100
-    log_every: int = 25
-    seed: int = 0
+    batch_size: int = _T.batch_size
+    learning_rate: float = _T.learning_rate
+    warmup_steps: int = _T.warmup_steps
+    weight_decay: float = _T.weight_decay
+    precision: str = _T.precision
+    expert_parallel: int = _T.expert_parallel          # devices per routed-expert shard group
+    dispatch_capacity_factor: float = _T.dispatch_capacity_factor  # all-to-all buffer rows
+    gradient_accumulation: int = _T.gradient_accumulation  # micro-batches per optimizer step
+    checkpoint_every: int = _T.checkpoint_every
+    log_every: int = _T.log_every
+    seed: int = _T.seed
     # Gate.
     thresholds: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # Orchestration.
@@ -57,18 +63,17 @@ class PipelineSettings:
     pipeline_root: Optional[str] = None
     metadata_path: Optional[str] = None
     serving_dir: Optional[str] = None
+    # Where the Trainer's checkpoints go (default <run_dir>/checkpoints); one
+    # subdirectory per training fingerprint.
+    checkpoint_root: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("seq_len", "train_examples", "eval_examples", "train_steps", "eval_steps",
-                     "batch_size", "checkpoint_every", "log_every", "expert_parallel",
-                     "gradient_accumulation"):
+        try:
+            training = self._training()
+        except TrainingSettingsError as e:
+            raise SettingsError(str(e)) from None
+        for name in ("train_examples", "eval_examples", "eval_steps"):
             check_int(name, getattr(self, name), 1, error=SettingsError)
-        if self.seq_len < 2:
-            raise SettingsError("seq_len: must be at least 2 (one input and one target)")
-        if not (self.learning_rate > 0):
-            raise SettingsError(f"learning_rate: must be positive, got {self.learning_rate!r}")
-        if self.precision not in PRECISIONS:
-            raise SettingsError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
         if self.examples_dir is None and self.eval_examples < self.batch_size:
             raise SettingsError(f"eval_examples ({self.eval_examples}) must be >= batch_size ({self.batch_size})")
         if self.examples_dir is not None and not _is_remote(self.examples_dir) \
@@ -76,14 +81,10 @@ class PipelineSettings:
             # A remote URI (gs://, s3://, ...) is checked where it is read: the
             # compiling machine may have no credentials for the bucket.
             raise SettingsError(f"examples_dir: {self.examples_dir!r} is not a directory")
-        config = self.model_config  # validates the preset and overrides
-        if self.expert_parallel > 1 and (not config.n_routed_experts
-                                         or config.n_routed_experts % self.expert_parallel):
-            raise SettingsError(f"expert_parallel: {self.expert_parallel} does not divide the "
-                                f"model's {config.n_routed_experts} routed experts")
-        if self.seq_len > config.max_position_embeddings:
-            raise SettingsError(f"seq_len {self.seq_len} exceeds the model's max_position_embeddings "
-                                f"{config.max_position_embeddings}")
+        try:
+            training.check_model(self.model_config)  # (model_config validates the preset and overrides)
+        except TrainingSettingsError as e:
+            raise SettingsError(str(e)) from None
         if self.examples_dir is None:
             self.data_spec  # validates the generator settings
         from components.validation_checks import GateThresholds
@@ -113,9 +114,22 @@ class PipelineSettings:
         except (DataSpecError, TypeError) as e:
             raise SettingsError(f"data: {e}") from None
 
+    def _training(self, **extra) -> TrainingSettings:
+        shared = [f.name for f in dataclasses.fields(self) if f.name in TrainingSettings.names()]
+        return TrainingSettings(**{name: getattr(self, name) for name in shared}, **extra)
+
+    @property
+    def training(self) -> TrainingSettings:
+        """The Trainer's training settings. The checkpoint directory is stable
+        across executions so a restarted run resumes, and keyed by everything
+        that defines the training so a changed run never resumes someone
+        else's checkpoint."""
+        return self._training(checkpoint_dir=os.path.join(self.path("checkpoints"),
+                                                          self.training_fingerprint()))
+
     def path(self, name: str) -> str:
         explicit = {"pipeline_root": self.pipeline_root, "metadata": self.metadata_path,
-                    "serving": self.serving_dir}.get(name)
+                    "serving": self.serving_dir, "checkpoints": self.checkpoint_root}.get(name)
         if explicit:
             return explicit
         defaults = {"pipeline_root": "pipeline_root", "metadata": "metadata.sqlite",
@@ -123,29 +137,17 @@ class PipelineSettings:
         return os.path.join(os.path.abspath(self.run_dir), defaults[name])
 
     def trainer_custom_config(self) -> Dict[str, Any]:
-        return {
-            "model_config": self.model_config.to_dict(),
-            "seq_len": self.seq_len,
-            "training": {
-                "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-                "warmup_steps": self.warmup_steps, "weight_decay": 0.01,
-                "checkpoint_every": self.checkpoint_every, "log_every": self.log_every,
-                "precision": self.precision, "seed": self.seed,
-                "expert_parallel": self.expert_parallel,
-                "gradient_accumulation": self.gradient_accumulation,
-                # Stable across executions so a restarted run resumes; keyed by
-                # everything that defines the training so a changed run never
-                # resumes someone else's checkpoint.
-                "checkpoint_dir": os.path.join(self.path("checkpoints"), self.training_fingerprint()),
-            },
-        }
+        from components.trainer_config import custom_config
+
+        return custom_config(self.model_config, self.training)
 
     def training_fingerprint(self) -> str:
         import hashlib
 
         key = json.dumps({"model": self.model_config.to_dict(), "seq_len": self.seq_len,
                           "batch": self.batch_size, "lr": self.learning_rate, "steps": self.train_steps,
-                          "warmup": self.warmup_steps, "precision": self.precision, "seed": self.seed,
+                          "warmup": self.warmup_steps, "weight_decay": self.weight_decay,
+                          "precision": self.precision, "seed": self.seed,
                           "accumulation": self.gradient_accumulation,
                           "data": None if self.examples_dir else self.data_spec.to_dict(),
                           "examples_dir": self.examples_dir,

@@ -20,63 +20,21 @@ No TensorFlow is imported.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from model.checks import PRECISIONS
 from training.checkpoint import Checkpointer, CheckpointMismatchError, relative_path
-from training.expert_parallel import install as install_dispatch
+from training.expert_parallel import ExpertDispatch, installed
 from training.optim import WarmupCosineSchedule, make_optimizer, warmup_cosine_lr
 from training.parallel import MeshError, batch_sharding, global_array, make_distribution, plan_mesh, to_host
+from training.settings import TrainingSettings
 
 
 class TrainingDiverged(RuntimeError):
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    batch_size: int              # sequences per micro-batch, global (all devices)
-    seq_len: int
-    train_steps: int             # optimizer steps
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip_norm: Optional[float] = 1.0
-    gradient_accumulation: int = 1
-    expert_parallel: int = 1
-    # All-to-all rows per destination as a multiple of the even share
-    # (training/expert_parallel.py); fuller micro-batches take the worst-case
-    # buffer, nothing is dropped.
-    dispatch_capacity_factor: float = 1.5
-    precision: str = "auto"
-    seed: int = 0
-    checkpoint_dir: Optional[str] = None
-    checkpoint_every: int = 100
-    log_every: int = 25
-    record_history: bool = False  # per-step losses, biases and loads (tests)
-
-    def __post_init__(self):
-        for name in ("batch_size", "seq_len", "train_steps", "gradient_accumulation",
-                     "expert_parallel", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineSettings.{name}: must be an integer >= 1, got {value!r}")
-        factor = self.dispatch_capacity_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0:
-            raise ValueError(f"EngineSettings.dispatch_capacity_factor: must be a number >= 1.0, "
-                             f"got {factor!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"EngineSettings.precision: must be one of {PRECISIONS}, "
-                             f"got {self.precision!r}")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.gradient_accumulation
 
 
 def resolve_precision(precision: str, platform: str):
@@ -164,7 +122,7 @@ def set_seed(seed: int) -> None:
 class Engine:
     """Builds the model, optimizer and mesh; `train(tokens)` runs the loop."""
 
-    def __init__(self, config, settings: EngineSettings, devices=None,
+    def __init__(self, config, settings: TrainingSettings, devices=None,
                  log_fn: Callable[[str], None] = print):
         import jax
         import keras
@@ -198,8 +156,10 @@ class Engine:
         self._lay_out()
         # Several devices: the routed experts run per device (all-to-all with
         # expert_parallel > 1); one device keeps the model's own code.
-        self.dispatch = (install_dispatch(self.model, self.distribution.device_mesh.backend_mesh,
-                                          s.dispatch_capacity_factor)
+        # Installed on the MoE layers only while the step is traced
+        # (`_compile`): eager calls of the model keep its own code.
+        self.dispatch = (ExpertDispatch(self.distribution.device_mesh.backend_mesh,
+                                        s.dispatch_capacity_factor)
                          if len(self.devices) > 1 else None)
         self.moe_names = [layer.name for layer in self.model.decoder_layers
                           if layer.mlp in self.model.moe_layers()]
@@ -374,7 +334,11 @@ class Engine:
         mask = None if padding_mask is None else global_array(
             np.asarray(padding_mask, np.int32), sharding)
         with dtype_policy(self.policy):
-            return self._step_fn.lower(*self._state(), ids, mask).compile()
+            return self._compile(*self._state(), ids, mask)
+
+    def _compile(self, tv, ntv, ov, ids, mask):
+        with installed(self.model, self.dispatch):
+            return self._step_fn.lower(tv, ntv, ov, ids, mask).compile()
 
     def step_runner(self, micro_batches: np.ndarray):
         """-> (run, compile_seconds): `run()` takes one optimizer step on the
@@ -445,8 +409,7 @@ class Engine:
                 mask = (None if padding_mask is None else global_array(
                     np.asarray(padding_mask[step * A:(step + 1) * A], np.int32), sharding))
                 if compiled is None:
-                    compiled = self.last_compiled = self._step_fn.lower(
-                        tv, ntv, ov, ids, mask).compile()
+                    compiled = self.last_compiled = self._compile(tv, ntv, ov, ids, mask)
                     _wait_for_all_processes("deepseek_tfx_step_compiled")
                 tv, ntv, ov, metrics = compiled(tv, ntv, ov, ids, mask)
                 m = jax.device_get(metrics)
@@ -541,5 +504,5 @@ class Engine:
         }
 
 
-__all__ = ["Engine", "EngineSettings", "MeshError", "TrainingDiverged", "CheckpointMismatchError",
+__all__ = ["Engine", "MeshError", "TrainingDiverged", "CheckpointMismatchError",
            "resolve_precision", "next_token_ce"]

@@ -1,8 +1,8 @@
 """The routed experts run per device on the ("batch", "expert") mesh
 (DeepSeek-V3 section 3.2.2: expert parallelism with all-to-all dispatch).
 
-The engine sets `ExpertDispatch` as every MoE layer's `expert_dispatch`
-(model/moe.py). The router, the load counters and the balance loss stay
+While the engine traces its step, `ExpertDispatch` is every MoE layer's
+`expert_dispatch` (model/moe.py). The router, the load counters and the balance loss stay
 outside, on the global (batch-sharded) arrays: XLA reduces the [E] loads
 over every device, so the bias still moves on the global load. What the
 dispatch takes over is the routed block itself, inside one `shard_map`:
@@ -46,10 +46,11 @@ JAX 0.4.30 has no ragged all-to-all, hence the static buffers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 MESH_AXES = ("batch", "expert")
 
@@ -261,9 +262,15 @@ class ExpertDispatch:
         return out, load, real, jnp.sum(aux_sum), jnp.sum(aux_sequences)
 
 
-def install(model, mesh, capacity_factor: float):
-    """Sets one ExpertDispatch on every MoE layer of `model`; returns it."""
-    dispatch = ExpertDispatch(mesh, capacity_factor)
-    for moe in model.moe_layers():
+@contextlib.contextmanager
+def installed(model, dispatch: Optional[ExpertDispatch]):
+    """`dispatch` as every MoE layer's expert_dispatch for the duration (the
+    trace of the step); None: nothing changes."""
+    layers = model.moe_layers() if dispatch is not None else []
+    for moe in layers:
         moe.expert_dispatch = dispatch
-    return dispatch
+    try:
+        yield
+    finally:
+        for moe in layers:
+            moe.expert_dispatch = None

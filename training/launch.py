@@ -15,9 +15,22 @@ from typing import Callable, Dict, Iterable, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# An interpreter with its own environment for the engine (the GPU image's
-# JAX-CUDA venv, docker/Dockerfile.gpu); default: this one.
+# An interpreter of the caller's choice for the engine (the GPU image's
+# JAX-CUDA venv, docker/Dockerfile.gpu). Without it: the engine's own venv of
+# this checkout (scripts/bootstrap.sh, requirements/engine-lock.txt) when it
+# exists, else this interpreter.
 ENGINE_PYTHON = "DEEPSEEK_TFX_ENGINE_PYTHON"
+ENGINE_VENV = os.path.join(ROOT, ".venv-engine")
+
+
+def engine_python(env: Optional[Dict[str, str]] = None) -> str:
+    """The interpreter that runs the engine: $DEEPSEEK_TFX_ENGINE_PYTHON,
+    else .venv-engine/bin/python of this checkout, else this one."""
+    env = os.environ if env is None else env
+    if env.get(ENGINE_PYTHON):
+        return env[ENGINE_PYTHON]
+    venv_python = os.path.join(ENGINE_VENV, "bin", "python")
+    return venv_python if os.path.exists(venv_python) else sys.executable
 
 
 class EngineFailed(RuntimeError):
@@ -30,13 +43,21 @@ class TrainingDivergedError(EngineFailed):
 
 def worker_env(virtual_devices: Optional[int] = None,
                extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The child's environment: KERAS_BACKEND=jax, the project on PYTHONPATH,
-    and optionally N virtual CPU devices (XLA_FLAGS must be set before JAX
-    is imported, hence in the child)."""
+    """The child's environment: KERAS_BACKEND=jax, the project on PYTHONPATH
+    (unless $DEEPSEEK_TFX_ENGINE_PYTHON has it installed), and optionally
+    N virtual CPU devices (XLA_FLAGS must be set before JAX is imported,
+    hence in the child)."""
     env = dict(os.environ)
     env["KERAS_BACKEND"] = "jax"
-    if not env.get(ENGINE_PYTHON):  # same interpreter: the project from this checkout
+    chosen = {**env, **(extra or {})}
+    if engine_python(chosen) == sys.executable:  # the project from this checkout
         env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    elif not chosen.get(ENGINE_PYTHON):
+        # The engine venv: this checkout only; the caller's other entries
+        # belong to its own interpreter (another Python version).
+        env["PYTHONPATH"] = ROOT
+        for name in ("PYTHONHOME", "VIRTUAL_ENV"):
+            env.pop(name, None)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if virtual_devices:
         flags = [f for f in env.get("XLA_FLAGS", "").split()
@@ -51,7 +72,7 @@ def start_worker(spec: dict, spec_path: str, env: Dict[str, str], stdin=None) ->
     os.makedirs(os.path.dirname(os.path.abspath(spec_path)), exist_ok=True)
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    python = env.get(ENGINE_PYTHON) or sys.executable
+    python = engine_python(env)
     # With another interpreter the working directory must not shadow its
     # site-packages (python -m puts the cwd first on sys.path).
     cwd = ROOT if python == sys.executable else os.path.dirname(os.path.abspath(spec_path))

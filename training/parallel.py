@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from training.settings import experts_problem
+
 # Routed-expert weights are expert-major [E, ...]; this matches their paths
 # (".../mlp/experts_gate_proj") and their optimizer moments' names
 # ("..._mlp_experts_gate_proj_momentum"), not the shared experts'.
@@ -48,17 +50,16 @@ class MeshPlan:
 
 def plan_mesh(num_devices: int, expert_parallel: int, n_routed_experts: int,
               batch_size: int) -> MeshPlan:
-    """Validates the layout: N must divide the devices and the routed experts,
-    and the batch must divide over all devices."""
-    if isinstance(expert_parallel, bool) or not isinstance(expert_parallel, int) \
-            or expert_parallel < 1:
-        raise MeshError(f"expert_parallel: must be an integer >= 1, got {expert_parallel!r}")
+    """The rules that need the device count (the settings' own are
+    `training.settings.TrainingSettings`'): N must divide the devices (and,
+    the one rule shared with the settings, the routed experts), and the
+    batch must divide over all devices."""
     if num_devices % expert_parallel:
         raise MeshError(f"expert_parallel {expert_parallel} does not divide the {num_devices} "
                         f"devices")
-    if expert_parallel > 1 and (n_routed_experts == 0 or n_routed_experts % expert_parallel):
-        raise MeshError(f"expert_parallel {expert_parallel} does not divide the model's "
-                        f"{n_routed_experts} routed experts")
+    problem = experts_problem(expert_parallel, n_routed_experts)
+    if problem:
+        raise MeshError(f"expert_parallel {problem}")
     if batch_size % num_devices:
         raise MeshError(f"batch_size {batch_size} does not divide over the {num_devices} "
                         f"devices of the mesh (batch {num_devices // expert_parallel} x expert "

@@ -4,13 +4,18 @@ Started by the Trainer adapter (components/trainer.py) with KERAS_BACKEND=jax,
 or by hand on a machine with JAX and no TensorFlow. SPEC:
 
     {"model_config": DeepSeekV3Config.to_dict(),
-     "engine": EngineSettings fields,
+     "engine": TrainingSettings.to_dict() (training.settings; defaults for what is left out),
      "tokens": "<.npy [micro-batches, B, S] int32>" | "stdin",
      "padding_mask": "<.npy, same shape>" | null,
      "output_dir": "<dir>",          # gets result.json and weights.npz
      "num_devices": int | null,      # default: every device (all processes)
      "save_weights": true, "stop_after": null, "report_shardings": false,
-     "report_collectives": false}    # the compiled step's collectives (training/hlo.py)
+     "report_collectives": false,    # the compiled step's collectives (training/hlo.py)
+     "logits_for": "<.npy [N, S] int32>" | null}  # -> output_dir/logits.npy
+
+"logits_for": after training, the model's float32 logits for those token
+rows, from the engine's own weights in this process (the check that the
+export in another environment computes the same function).
 
 "tokens": "stdin" streams the batches: stdin carries train_steps x
 gradient_accumulation micro-batches of [batch_size, seq_len] int32 (native
@@ -67,21 +72,22 @@ def main(argv=None) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    from model.config import DeepSeekV3Config
     from training.parallel import initialize_from_env
+    from training.settings import TrainingSettings
 
-    initialize_from_env(int(spec["engine"].get("seed", 0)))  # before any device is touched
+    config = DeepSeekV3Config.from_dict(spec["model_config"])
+    settings = TrainingSettings.from_dict(spec["engine"]).check_model(config)
+    initialize_from_env(settings.seed)  # before any device is touched
     import jax
     import numpy as np
 
-    from model.config import DeepSeekV3Config
-    from training.engine import Engine, EngineSettings
+    from training.engine import Engine
 
     def log(line: str) -> None:
         if jax.process_index() == 0:
             print(line, flush=True)
 
-    config = DeepSeekV3Config.from_dict(spec["model_config"])
-    settings = EngineSettings(**spec["engine"])
     devices = jax.devices()
     if spec.get("num_devices"):
         devices = devices[:int(spec["num_devices"])]
@@ -115,7 +121,14 @@ def main(argv=None) -> int:
 
         result["collectives"] = [op.to_dict() for op in
                                  hlo.collectives(engine.last_compiled.as_text())]
+    from training.environment import engine_environment
+
+    result["engine_environment"] = engine_environment()
     weights = engine.weights()  # collective in multi-process runs: every process calls it
+    logits = None
+    if spec.get("logits_for"):  # after the weights: the call counts expert loads
+        ids = np.load(spec["logits_for"]).astype(np.int32)
+        logits = np.asarray(engine.model(ids, training=False), np.float32)
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
         if spec.get("save_weights", True):
@@ -123,6 +136,8 @@ def main(argv=None) -> int:
             with open(tmp, "wb") as f:
                 np.savez(f, **weights)
             os.replace(tmp, os.path.join(out, "weights.npz"))
+        if logits is not None:
+            np.save(os.path.join(out, "logits.npy"), logits)
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(json_safe(result), f, indent=2)
     return 0
