@@ -207,7 +207,7 @@ class Engine:
                 dispatch.start()
             logits, ntv, losses = model.stateless_call(tv, ntv, inputs, training=True,
                                                        return_losses=True)
-            # MoE calls of this micro-batch that took the worst-case buffer.
+            # Extra all-to-all rounds of this micro-batch (capacity overflows).
             overflow = sum(dispatch.collect()) if dispatch is not None else 0
             ce = next_token_ce(logits, ids, mask)
             loss = ce + (sum(losses) if losses else 0.0)
@@ -481,11 +481,11 @@ class Engine:
             "processes": jax.process_count(),
             "mesh": self.plan.to_dict(),
             "expert_parallel": s.expert_parallel,
-            # Steps in which some MoE call took the worst-case all-to-all
-            # buffer (nothing is dropped either way); null on one device.
+            # Steps in which some MoE call overflowed the all-to-all capacity
+            # and ran extra rounds (nothing is dropped); null on one device.
             "dispatch": None if self.dispatch is None else {
                 "capacity_factor": s.dispatch_capacity_factor, "overflow_steps": overflow_steps,
-                "overflow_moe_calls": overflow_calls},
+                "extra_rounds": overflow_calls},
             "gradient_accumulation": s.gradient_accumulation,
             "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8},
             "start_step": start_step, "final_step": end, "resumed": start_step > 0,

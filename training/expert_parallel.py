@@ -37,11 +37,13 @@ assignments, and
   "expert"); the activations' gradients take the reverse all-to-alls.
 
 Dropless: a chunk holds C = ceil(capacity_factor * T/D * K / N) rows. When
-some device would send more than C to one destination (decided by a pmax
-over the whole mesh, so every device takes the same branch of the
-`lax.cond`), that micro-batch takes the worst-case buffer T/D * min(K, E/N)
-instead; such steps are counted (`overflow`), nothing is dropped.
-JAX 0.4.30 has no ragged all-to-all, hence the static buffers.
+some device has more than C assignments for one destination, the whole
+mesh (a pmax decides, so every device runs the same collectives) runs
+ceil(most / C) rounds of capacity-sized all-to-alls instead of one; the
+extra rounds are counted (`overflow`), nothing is dropped, and memory stays
+capacity-sized: a custom VJP keeps the first round's residuals and
+recomputes the extra rounds in the backward pass. JAX 0.4.30 has no ragged
+all-to-all, hence the static chunks.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from functools import partial
 from typing import List, Optional
 
 MESH_AXES = ("batch", "expert")
@@ -57,7 +58,8 @@ MESH_AXES = ("batch", "expert")
 
 def shard_map(fn, mesh, in_specs, out_specs):
     """jax.shard_map (current JAX) or jax.experimental.shard_map (0.4.30),
-    without the replication check (lax.cond has no rule for it in 0.4.30)."""
+    without the replication check (the transpose sums the cotangents of
+    replicated inputs over the axes they are not split on either way)."""
     import jax
 
     if hasattr(jax, "shard_map"):
@@ -114,49 +116,96 @@ def _local_experts_block(x, experts, weights, gate, up, down, *, shape: Dispatch
     return out, jnp.zeros((), jnp.int32)
 
 
-def _exchange(x, order, sorted_expert, per_dest, dest_start, dest_count, gate, up, down, *,
-              shape: DispatchShape, rows: int):
-    """One dispatch with `rows` per destination chunk; returns each sorted
-    assignment's expert output [T*K, H] (zeros for not kept ones)."""
+def _round(r, x, gate, up, down, order, sorted_expert, per_dest, dest_start, dest_count, *,
+           shape: DispatchShape):
+    """All-to-all round r: chunk d carries rows r*C .. (r+1)*C - 1 of this
+    device's assignments to destination d (sorted by expert). Returns each
+    sorted assignment's expert output [T*K, H] for the rows of this round
+    (zeros elsewhere)."""
     import jax.numpy as jnp
     from jax import lax
 
     from model.moe import grouped_swiglu
 
-    n, shards, local = order.shape[0], shape.shards, shape.local_experts
+    n, shards, local, rows = order.shape[0], shape.shards, shape.local_experts, shape.capacity
     k = shape.top_k
+    first = r * rows
     slot = jnp.arange(rows, dtype=jnp.int32)
-    # Chunk d, row c <- sorted assignment dest_start[d] + c (valid if c < count).
-    source = dest_start[:, None] + slot[None, :]
-    valid = slot[None, :] < dest_count[:, None]
-    source = jnp.minimum(source, n - 1)
+    # Chunk d, row c <- sorted assignment dest_start[d] + first + c.
+    valid = first + slot[None, :] < dest_count[:, None]
+    source = jnp.minimum(dest_start[:, None] + first + slot[None, :], n - 1)
     send = jnp.where(valid[..., None], x[order[source] // k], 0)  # [N, C, H]
+    # Rows of each local expert in this round's window of the chunk.
+    ends = jnp.cumsum(per_dest, axis=1)
+    in_window = (jnp.clip(ends, first, first + rows)
+                 - jnp.clip(ends - per_dest, first, first + rows))  # [N dest, E/N]
     recv = lax.all_to_all(send, "expert", 0, 0, tiled=True)
-    recv_count = lax.all_to_all(per_dest, "expert", 0, 0, tiled=True)  # [N src, E/N]
+    recv_count = lax.all_to_all(in_window, "expert", 0, 0, tiled=True)  # [N src, E/N]
     # Each received chunk is sorted by local expert: row c's expert is the
     # number of group ends at or before c (E/N = past the chunk's rows).
-    ends = jnp.cumsum(recv_count, axis=1)
-    local_expert = jnp.sum(slot[None, :, None] >= ends[:, None, :], axis=-1).reshape(-1)
+    recv_ends = jnp.cumsum(recv_count, axis=1)
+    local_expert = jnp.sum(slot[None, :, None] >= recv_ends[:, None, :], axis=-1).reshape(-1)
     by_expert = jnp.argsort(local_expert, stable=True)
     flat_recv = recv.reshape(shards * rows, -1)
     y = grouped_swiglu(flat_recv[by_expert], jnp.sum(recv_count, axis=0).astype(jnp.int32),
                        gate, up, down)
     y = y[_inverse(by_expert)].reshape(shards, rows, -1)
     back = lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(shards * rows, -1)
-    # Sorted assignment j went to chunk dest_j at row j - dest_start[dest_j].
+    # Sorted assignment j went to chunk dest_j at row j - dest_start[dest_j] - first.
     j = jnp.arange(n, dtype=jnp.int32)
     dest = jnp.minimum(sorted_expert // local, shards - 1)
-    at = dest * rows + jnp.clip(j - dest_start[dest], 0, rows - 1)
-    return jnp.where((sorted_expert < shape.experts)[:, None], back[at], 0)
+    row = j - dest_start[dest] - first
+    mine = (sorted_expert < shape.experts) & (row >= 0) & (row < rows)
+    return jnp.where(mine[:, None], back[dest * rows + jnp.clip(row, 0, rows - 1)], 0)
+
+
+def _dispatched_experts(shape: DispatchShape):
+    """f(x, gate, up, down, order, sorted_expert, per_dest, dest_start,
+    dest_count, rounds) -> expert output per sorted assignment: `rounds`
+    capacity-sized all-to-all rounds. A custom VJP: the first round's
+    residuals are kept, the extra rounds (overflow, rare) are recomputed
+    in the backward pass, so memory stays capacity-sized."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    def one_round(r, ints):
+        return lambda x, gate, up, down: _round(r, x, gate, up, down, *ints, shape=shape)
+
+    @jax.custom_vjp
+    def experts(x, gate, up, down, *ints_and_rounds):
+        return forward(x, gate, up, down, *ints_and_rounds)[0]
+
+    def forward(x, gate, up, down, *ints_and_rounds):
+        *ints, rounds = ints_and_rounds
+        out, first_vjp = jax.vjp(one_round(0, ints), x, gate, up, down)
+        out = lax.fori_loop(1, rounds, lambda r, acc: acc + one_round(r, ints)(x, gate, up, down),
+                            out)
+        return out, (first_vjp, x, gate, up, down, ints, rounds)
+
+    def backward(res, ct):
+        first_vjp, x, gate, up, down, ints, rounds = res
+
+        def extra_round(r, acc):
+            _, vjp = jax.vjp(one_round(r, ints), x, gate, up, down)
+            return tuple(a + g for a, g in zip(acc, vjp(ct)))
+
+        grads = lax.fori_loop(1, rounds, extra_round, tuple(first_vjp(ct)))
+        no_grad = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in (*ints, rounds))
+        return (*grads, *no_grad)
+
+    experts.defvjp(forward, backward)
+    return experts
 
 
 def _expert_parallel_block(x, experts, weights, gate, up, down, *, shape: DispatchShape):
-    """Expert axis N > 1: all-to-all to the devices of the experts and back."""
+    """Expert axis N > 1: all-to-all to the devices of the experts and back,
+    in as many capacity-sized rounds as the fullest chunk of the mesh needs."""
     import jax.numpy as jnp
     from jax import lax
 
     t, k = experts.shape
-    n = t * k
     flat = experts.reshape(-1)  # E = not kept: sorts last, belongs to no chunk
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
     sorted_expert = flat[order]
@@ -164,19 +213,14 @@ def _expert_parallel_block(x, experts, weights, gate, up, down, *, shape: Dispat
     per_dest = counts.reshape(shape.shards, shape.local_experts)
     dest_count = jnp.sum(per_dest, axis=1)
     dest_start = jnp.cumsum(dest_count) - dest_count
-    args = (x, order, sorted_expert, per_dest, dest_start, dest_count, gate, up, down)
-    exchange = partial(_exchange, shape=shape)
-    if shape.capacity >= shape.worst_case:
-        per_sorted, overflow = exchange(*args, rows=shape.worst_case), jnp.zeros((), jnp.int32)
-    else:
-        need = lax.pmax(jnp.max(dest_count), MESH_AXES)
-        overflow = (need > shape.capacity).astype(jnp.int32)
-        per_sorted = lax.cond(overflow > 0, partial(exchange, rows=shape.worst_case),
-                              partial(exchange, rows=shape.capacity), *args)
+    # Every device runs the same number of rounds (a pmax over the mesh).
+    need = lax.pmax(jnp.max(dest_count), MESH_AXES)
+    rounds = jnp.maximum(1, (need + shape.capacity - 1) // shape.capacity).astype(jnp.int32)
+    per_sorted = _dispatched_experts(shape)(x, gate, up, down, order, sorted_expert, per_dest,
+                                            dest_start, dest_count, rounds)
     per_choice = per_sorted[_inverse(order)]
     out = (per_choice.reshape(t, k, -1) * weights[..., None].astype(per_choice.dtype)).sum(1)
-    del n
-    return out, overflow
+    return out, rounds - 1
 
 
 class ExpertDispatch:

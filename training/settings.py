@@ -59,8 +59,8 @@ class TrainingSettings:
     gradient_accumulation: int = 1        # micro-batches per optimizer step
     expert_parallel: int = 1              # devices per routed-expert shard group
     # All-to-all rows per destination device as a multiple of the even share
-    # (training/expert_parallel.py); a micro-batch that needs more takes the
-    # worst-case buffer (counted), nothing is dropped.
+    # (training/expert_parallel.py); a micro-batch that needs more runs extra
+    # all-to-all rounds (counted), nothing is dropped.
     dispatch_capacity_factor: float = 1.5
     precision: str = _explicit("auto")    # one of model.checks.PRECISIONS
     seed: int = _explicit(0)

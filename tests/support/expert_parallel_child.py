@@ -59,7 +59,7 @@ def _dense_routed(layer, x, valid):
 
 def _run(layer, x, mask, probe, dispatch=None, dense=False):
     """-> dict of the loss, output, gradients (x, experts, router), expert
-    load, real tokens and overflow flags of one training call."""
+    load, real tokens and extra all-to-all rounds of one training call."""
     import jax
     import keras
     from keras import ops
