@@ -309,6 +309,12 @@ def _cmd_deploy(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from training.plan import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-tfx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -373,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--output", help="also keep the compiled JSON here (after a successful submit)")
     _add_pipeline_settings_args(dep, required=False)
     dep.set_defaults(func=_cmd_deploy)
+
+    from training.plan import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser("plan", help="compile one training step on virtual CPU devices and show "
+                                       "the mesh, the bytes per device and the collectives per step")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 

@@ -150,7 +150,7 @@ class Engine:
         ids = global_array(np.asarray(micro_batches, np.int32), sharding)
         state = list(self._state())
         start = time.perf_counter()
-        compiled = self.compiled_step(micro_batches)
+        compiled = self.last_compiled = self.compiled_step(micro_batches)
         compile_seconds = time.perf_counter() - start
 
         def run():

@@ -113,7 +113,7 @@ def run_plan(preset: str, batch_size: int, seq_len: int, devices: int,
              precision: str = "auto", model_overrides: Optional[dict] = None) -> dict:
     """Compiles the step for `devices` virtual CPU devices in a child process."""
     from model import get_preset
-    from training.launch import worker_env
+    from training.launch import ROOT, engine_python, worker_env
     from training.parallel import plan_mesh
     from training.settings import TrainingSettings
 
@@ -128,8 +128,9 @@ def run_plan(preset: str, batch_size: int, seq_len: int, devices: int,
         with open(spec, "w") as f:
             json.dump({"model_config": config.to_dict(), "engine": settings.to_dict()}, f)
         env = worker_env(devices, {"JAX_PLATFORMS": "cpu"})
-        proc = subprocess.run([env.get("DEEPSEEK_TFX_ENGINE_PYTHON") or sys.executable, "-m",
-                               "training.plan", "--child", spec, out], env=env,
+        python = engine_python(env)
+        proc = subprocess.run([python, "-m", "training.plan", "--child", spec, out], env=env,
+                              cwd=ROOT if python == sys.executable else tmp,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])

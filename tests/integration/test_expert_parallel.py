@@ -8,7 +8,6 @@ overflow the capacity, and a router that sends every token to one device's
 experts loses nothing."""
 
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,8 +24,9 @@ MESHES = ("mesh_8x1", "mesh_2x4", "mesh_1x8")
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep") / "cases.npz"
-    subprocess.run([sys.executable, "-m", "tests.support.expert_parallel_child", str(out)],
-                   check=True, cwd=launch.ROOT, env=launch.worker_env(8), timeout=1200)
+    env = launch.worker_env(8)
+    subprocess.run([launch.engine_python(env), "-m", "tests.support.expert_parallel_child",
+                    str(out)], check=True, cwd=launch.ROOT, env=env, timeout=1200)
     with np.load(out) as f:
         flat = {k: f[k] for k in f.files}
     result = {}
