@@ -34,6 +34,7 @@ def _settings_from_args(args):
               "batch_size": args.batch_size, "learning_rate": args.learning_rate,
               "precision": args.precision, "enable_cache": not args.no_cache,
               "expert_parallel": args.expert_parallel,
+              "dispatch_capacity_factor": args.dispatch_capacity_factor,
               "gradient_accumulation": args.gradient_accumulation,
               "examples_dir": args.examples_dir, "pipeline_root": args.pipeline_root,
               "metadata_path": args.metadata_path, "serving_dir": args.serving_dir}
@@ -208,6 +209,9 @@ def _add_settings_args(p) -> None:
     p.add_argument("--precision", default=D.precision, help=" | ".join(PRECISIONS))
     p.add_argument("--expert-parallel", type=int, default=D.expert_parallel,
                    help="shard the routed experts over N devices (batch over the rest)")
+    p.add_argument("--dispatch-capacity-factor", type=float, default=D.dispatch_capacity_factor,
+                   help="all-to-all rows per destination device as a multiple of the even share "
+                        "(>= 1; fuller micro-batches run extra rounds, nothing is dropped)")
     p.add_argument("--gradient-accumulation", type=int, default=D.gradient_accumulation,
                    help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")
