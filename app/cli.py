@@ -34,6 +34,7 @@ def _settings_from_args(args):
               "batch_size": args.batch_size, "learning_rate": args.learning_rate,
               "precision": args.precision, "enable_cache": not args.no_cache,
               "expert_parallel": args.expert_parallel,
+              "dispatch_capacity_factor": args.dispatch_capacity_factor,
               "gradient_accumulation": args.gradient_accumulation,
               "examples_dir": args.examples_dir, "text_dir": args.text_dir,
               "vocab_size": args.vocab_size, "tokenizer_file": args.tokenizer,
@@ -307,6 +308,9 @@ def _add_settings_args(p) -> None:
     p.add_argument("--precision", default=D.precision, help=" | ".join(PRECISIONS))
     p.add_argument("--expert-parallel", type=int, default=D.expert_parallel,
                    help="shard the routed experts over N devices (batch over the rest)")
+    p.add_argument("--dispatch-capacity-factor", type=float, default=D.dispatch_capacity_factor,
+                   help="all-to-all rows per destination device as a multiple of the even share "
+                        "(>= 1; fuller micro-batches run extra rounds, nothing is dropped)")
     p.add_argument("--gradient-accumulation", type=int, default=D.gradient_accumulation,
                    help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")
@@ -408,6 +412,12 @@ def _cmd_deploy(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from training.plan import run_from_args
+
+    return run_from_args(args)
+
+
 def _add_mysql_arg(p) -> None:
     p.add_argument("--metadata-mysql", metavar="mysql://USER@HOST:PORT/DB",
                    help="ML Metadata in this MySQL/MariaDB database instead of SQLite (created on first "
@@ -491,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--output", help="also keep the compiled JSON here (after a successful submit)")
     _add_pipeline_settings_args(dep, required=False)
     dep.set_defaults(func=_cmd_deploy)
+
+    from training.plan import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser("plan", help="compile one training step on virtual CPU devices and show "
+                                       "the mesh, the bytes per device and the collectives per step")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 

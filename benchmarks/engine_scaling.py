@@ -1,9 +1,11 @@
-"""Data-parallel overhead of the training engine on virtual CPU devices: the
+"""Parallel overhead of the training engine on virtual CPU devices: the
 Trainer's step (training.engine) on the same global batch on 1 device and on
 N devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set in a child
-process because it must precede the JAX import). On one CPU the N devices
-share the same cores, so this measures the cost of the SPMD partitioning and
-collectives, not a speed-up.
+process because it must precede the JAX import): data parallel (batch N) and
+expert parallel (batch N/4 x expert 4, batch 1 x expert N), with the compiled
+step's arguments and temporaries per device. On one CPU the N devices share
+the same cores, so the step ratio measures the cost of the partitioning and
+the collectives (equal total work would be 1.0), not a speed-up.
 
     python -m benchmarks.engine_scaling --devices 8 --out /tmp/engine_scaling.json
 """
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 
+TARGET_RATIO = 1.25  # N-device / 1-device step, same global batch (issue 15)
+
 
 def _measure(preset: str, batch: int, seq_len: int, repeats: int) -> dict:
     import jax
@@ -25,13 +29,26 @@ def _measure(preset: str, batch: int, seq_len: int, repeats: int) -> dict:
     from model import get_preset
 
     config = get_preset(preset)
-    out = {"devices_available": jax.device_count()}
-    for n in (1, jax.device_count()):
-        result = measure_engine(config, batch, seq_len, repeats, devices=jax.devices()[:n])
-        out[f"devices_{n}"] = {"step_ms": result["timing"], "mesh": result["mesh"],
-                               "tokens_per_s": result["tokens_per_s"]}
-    one, many = out["devices_1"], out[f"devices_{jax.device_count()}"]
-    out["dp_overhead_ratio"] = many["step_ms"]["median_ms"] / one["step_ms"]["median_ms"]
+    n = jax.device_count()
+    out = {"devices_available": n, "target_ratio": TARGET_RATIO}
+    layouts = [(f"devices_{1}", 1, 1), (f"devices_{n}", n, 1)]
+    for ep in (4, n):
+        if n > 1 and n % ep == 0 and config.n_routed_experts % ep == 0 and ep > 1:
+            layouts.append((f"devices_{n}_ep{ep}", n, ep))
+    for key, devices, ep in layouts:
+        result = measure_engine(config, batch, seq_len, repeats, devices=jax.devices()[:devices],
+                                expert_parallel=ep)
+        out[key] = {"step_ms": result["timing"], "mesh": result["mesh"],
+                    "tokens_per_s": result["tokens_per_s"],
+                    "per_device_bytes": result["per_device_bytes"]}
+    one = out["devices_1"]["step_ms"]["median_ms"]
+    out["dp_overhead_ratio"] = out[f"devices_{n}"]["step_ms"]["median_ms"] / one
+    for key, _, ep in layouts[2:]:
+        out[f"ep{ep}_overhead_ratio"] = out[key]["step_ms"]["median_ms"] / one
+    dp = out[f"devices_{n}"]["per_device_bytes"]
+    out["per_device_bytes_vs_data_parallel"] = {
+        key: {k: v / dp[k] for k, v in out[key]["per_device_bytes"].items()}
+        for key, _, _ in layouts[2:]}
     return out
 
 
@@ -52,13 +69,14 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
         return 0
-    from training.launch import worker_env
+    from training.launch import engine_python, worker_env
 
     out = args.out or tempfile.mktemp(suffix=".json")
-    cmd = [sys.executable, "-m", "benchmarks.engine_scaling", "--child", "--out", out,
+    env = worker_env(args.devices)
+    cmd = [engine_python(env), "-m", "benchmarks.engine_scaling", "--child", "--out", out,
            "--devices", str(args.devices), "--preset", args.preset, "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--repeats", str(args.repeats)]
-    subprocess.run(cmd, check=True, env=worker_env(args.devices))
+    subprocess.run(cmd, check=True, env=env)
     with open(out) as f:
         print(f.read())
     return 0

@@ -72,14 +72,16 @@ def measure_ours(config, batch: int, seq_len: int, repeats: int,
 
 
 def measure_engine(config, batch: int, seq_len: int, repeats: int,
-                   devices=None) -> Dict[str, Any]:
-    """The Trainer's jitted step (training.engine) on one fixed batch."""
+                   devices=None, expert_parallel: int = 1) -> Dict[str, Any]:
+    """The Trainer's jitted step (training.engine) on one fixed batch, and
+    the compiled step's bytes per device."""
     from model.analysis import parameter_count, train_flops_per_token
     from training.engine import Engine
     from training.settings import TrainingSettings
 
     engine = Engine(config, TrainingSettings(batch_size=batch, seq_len=seq_len,
-                                             train_steps=repeats + 2), devices=devices,
+                                             train_steps=repeats + 2,
+                                             expert_parallel=expert_parallel), devices=devices,
                     log_fn=lambda line: None)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq_len))
     run, compile_seconds = engine.step_runner(ids.astype("int32"))
@@ -87,9 +89,12 @@ def measure_engine(config, batch: int, seq_len: int, repeats: int,
     timing["compile_ms"] = compile_seconds * 1e3
     tokens_per_s = batch * seq_len * 1e3 / timing["median_ms"]
     flops_per_token = train_flops_per_token(config, seq_len)
+    memory = engine.last_compiled.memory_analysis()
     return {
         "tokens_per_s": tokens_per_s, "timing": timing, "compilations": 1,
         "step": "training.engine", "mesh": engine.plan.to_dict(),
+        "per_device_bytes": {"arguments": int(memory.argument_size_in_bytes),
+                             "temporaries": int(memory.temp_size_in_bytes)},
         "model_flops_per_token": flops_per_token,
         "achieved_gflops_per_s": tokens_per_s * flops_per_token / 1e9,
         "parameters": parameter_count(config)["total"],

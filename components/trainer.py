@@ -223,6 +223,8 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "processes": engine["processes"],
         "mesh": engine["mesh"],
         "expert_parallel": engine["expert_parallel"],
+        # All-to-all capacity overflows (extra rounds, nothing dropped); null on one device.
+        "dispatch": engine.get("dispatch"),
         "gradient_accumulation": engine["gradient_accumulation"],
         "parameters": int(sum(math.prod(v.shape) for v in inference.weights)),
         "final_train_loss": last.get("loss"),

@@ -21,6 +21,8 @@ Backends (the switch lives here only):
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -33,17 +35,32 @@ _MAX_TILE_ROWS = {"jax": 32}
 _MAX_TILE_ROWS_OTHER = 64
 
 
+_PER_DEVICE = []  # non-empty while tracing per-device code (shard_map bodies)
+
+
+@contextlib.contextmanager
+def per_device_code():
+    """Marks code traced for one device's shard (a shard_map body): there the
+    tile loop is local work again, not an SPMD-partitioned loop."""
+    _PER_DEVICE.append(True)
+    try:
+        yield
+    finally:
+        _PER_DEVICE.pop()
+
+
 def _use_jax_loop() -> bool:
     """The tile loop runs one small dot at a time: it pays on a single CPU
-    device (64 experts, inference: 20 vs 60 ms), but under SPMD over 8
-    virtual CPU devices the mini training step took 9.5x its 1-device time
-    (the gathered tiles: 1.0x), and on an accelerator it would launch one
-    kernel per tile. Elsewhere the gathered tiles run."""
+    device (64 experts, inference: 20 vs 60 ms) and per device inside a
+    shard_map, but under SPMD over 8 virtual CPU devices the mini training
+    step took 9.5x its 1-device time (the gathered tiles: 1.0x), and on an
+    accelerator it would launch one kernel per tile. Elsewhere the gathered
+    tiles run."""
     if keras.backend.backend() != "jax":
         return False
     import jax
 
-    return jax.default_backend() == "cpu" and jax.device_count() == 1
+    return jax.default_backend() == "cpu" and (jax.device_count() == 1 or bool(_PER_DEVICE))
 
 
 def tile_rows(rows, experts: int) -> int:

@@ -63,6 +63,92 @@ def block_rows(assignments, experts):
     return tile_rows(assignments, experts)
 
 
+def grouped_swiglu(rows, group_sizes, gate_proj, up_proj, down_proj):
+    """SwiGLU of rows sorted by expert (group_sizes [E] rows each, the rest
+    get zeros) through the expert-major weights [E, ...]."""
+    block = block_rows(rows.shape[0], gate_proj.shape[0])
+    dtype = rows.dtype
+
+    def expert_matmul(x, weight):
+        return grouped_matmul(x, ops.cast(weight, dtype), group_sizes, block)
+
+    hidden = ops.silu(expert_matmul(rows, gate_proj)) * expert_matmul(rows, up_proj)
+    return expert_matmul(hidden, down_proj)
+
+
+def routed_expert_outputs(x, flat_experts, kept, k, gate_proj, up_proj, down_proj):
+    """x [T, hidden]; flat_experts, kept [T*K] (assignment a is token a // k).
+    Returns each assignment's expert output [T*K, hidden] (zeros where not
+    kept): assignments sorted by expert, grouped_swiglu, unsorted."""
+    experts = gate_proj.shape[0]
+    n = ops.shape(flat_experts)[0]
+    # Sort assignments by expert (not kept: sentinel E, last, outside every
+    # group); unique keys keep the order deterministic on every backend.
+    key_expert = ops.where(kept, flat_experts, experts)
+    order = ops.argsort(key_expert * n + ops.arange(n, dtype="int32"))
+    group = ops.segment_sum(ops.cast(kept, "int32"), flat_experts, num_segments=experts)
+    out = grouped_swiglu(ops.take(x, order // k, axis=0), group, gate_proj, up_proj, down_proj)
+    position = ops.scatter_update(ops.zeros((n,), "int32"), order[:, None],
+                                  ops.arange(n, dtype="int32"))
+    return ops.take(out, position, axis=0)
+
+
+def topk_route(c: DeepSeekV3Config, x, weight, bias):
+    """The gate as a function of its weights (the per-device dispatch calls it
+    on each device's tokens): (expert indices [T, K], weights [T, K], scores [T, E])."""
+    logits = ops.matmul(ops.cast(x, "float32"), ops.cast(weight, "float32"))
+    if c.scoring_func == "sigmoid":
+        scores = ops.sigmoid(logits)
+    else:
+        scores = ops.softmax(logits, axis=-1)
+    choice = scores + ops.cast(bias, "float32")
+    if c.n_group > 1:
+        per_group = c.n_routed_experts // c.n_group
+        grouped = ops.reshape(choice, (-1, c.n_group, per_group))
+        if c.scoring_func == "sigmoid":
+            group_scores = ops.sum(ops.top_k(grouped, 2, sorted=False)[0], axis=-1)
+        else:
+            group_scores = ops.max(grouped, axis=-1)
+        _, top_groups = ops.top_k(group_scores, c.topk_group, sorted=False)
+        group_mask = ops.sum(ops.one_hot(top_groups, c.n_group, dtype="float32"), axis=1)
+        expert_mask = ops.reshape(
+            ops.repeat(group_mask[:, :, None], per_group, axis=2), (-1, c.n_routed_experts))
+        choice = ops.where(expert_mask > 0, choice, _UNSELECTED_GROUP_SCORE)
+    _, indices = ops.top_k(choice, c.num_experts_per_tok, sorted=True)
+    weights = ops.take_along_axis(scores, indices, axis=-1)
+    if c.norm_topk_prob:  # K = 1 included, as transformers does
+        weights = weights / (ops.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return indices, weights * c.routed_scaling_factor, scores
+
+
+def sequence_aux_terms(c: DeepSeekV3Config, scores, valid, batch, seq_len):
+    """Sequence-wise balance loss (paper eqs. 17-20) per sequence: (sum_i f_i
+    P_i [B], 1 if the sequence has real tokens [B]); the loss is alpha times
+    the first's sum over the second's. f_i counts the plain top-k of s_i (no
+    bias, no group limit); pads are left out of both sums and T."""
+    e, k = c.n_routed_experts, c.num_experts_per_tok
+    real = ops.reshape(ops.cast(valid, "float32"), (batch, seq_len))
+    length = ops.sum(real, axis=1)  # T per sequence
+    _, plain_topk = ops.top_k(scores, k)
+    picks = ops.sum(ops.one_hot(ops.reshape(plain_topk, (batch, seq_len, k)), e), axis=2)
+    safe_length = ops.maximum(length, 1.0)[:, None]
+    f = ops.sum(picks * real[..., None], axis=1) * e / (k * safe_length)  # [B, E]
+    normed = scores / ops.sum(scores, axis=-1, keepdims=True)
+    p = ops.sum(ops.reshape(normed, (batch, seq_len, e)) * real[..., None], axis=1) / safe_length
+    has_tokens = ops.cast(length > 0, "float32")
+    return ops.sum(f * p, axis=-1) * has_tokens, has_tokens
+
+
+def routed_assignments(c: DeepSeekV3Config, flat, valid, weight, bias):
+    """Routes [T, hidden] tokens: (experts [T*K] int32, gate weights [T*K],
+    valid_choice [T*K] (pads: False), scores [T, E])."""
+    indices, weights, scores = topk_route(c, flat, weight, bias)
+    k = c.num_experts_per_tok
+    valid_choice = ops.reshape(ops.repeat(valid[:, None], k, axis=1), (-1,))
+    return (ops.reshape(ops.cast(indices, "int32"), (-1,)), ops.reshape(weights, (-1,)),
+            valid_choice, scores)
+
+
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
 class TopkRouter(keras.layers.Layer):
     """The gate: returns (expert indices [T, K], weights [T, K], scores [T, E])."""
@@ -86,30 +172,7 @@ class TopkRouter(keras.layers.Layer):
             initializer="zeros", trainable=False, aggregation="mean", autocast=False)
 
     def call(self, x):
-        c = self.config
-        logits = ops.matmul(ops.cast(x, "float32"), ops.cast(self.weight, "float32"))
-        if c.scoring_func == "sigmoid":
-            scores = ops.sigmoid(logits)
-        else:
-            scores = ops.softmax(logits, axis=-1)
-        choice = scores + self.e_score_correction_bias
-        if c.n_group > 1:
-            per_group = c.n_routed_experts // c.n_group
-            grouped = ops.reshape(choice, (-1, c.n_group, per_group))
-            if c.scoring_func == "sigmoid":
-                group_scores = ops.sum(ops.top_k(grouped, 2, sorted=False)[0], axis=-1)
-            else:
-                group_scores = ops.max(grouped, axis=-1)
-            _, top_groups = ops.top_k(group_scores, c.topk_group, sorted=False)
-            group_mask = ops.sum(ops.one_hot(top_groups, c.n_group, dtype="float32"), axis=1)
-            expert_mask = ops.reshape(
-                ops.repeat(group_mask[:, :, None], per_group, axis=2), (-1, c.n_routed_experts))
-            choice = ops.where(expert_mask > 0, choice, _UNSELECTED_GROUP_SCORE)
-        _, indices = ops.top_k(choice, c.num_experts_per_tok, sorted=True)
-        weights = ops.take_along_axis(scores, indices, axis=-1)
-        if c.norm_topk_prob:  # K = 1 included, as transformers does
-            weights = weights / (ops.sum(weights, axis=-1, keepdims=True) + 1e-20)
-        return indices, weights * c.routed_scaling_factor, scores
+        return topk_route(self.config, x, self.weight, self.e_score_correction_bias)
 
 
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
@@ -122,6 +185,12 @@ class DeepSeekMoE(keras.layers.Layer):
     WEIGHT_AXES = {"experts_gate_proj": (EXPERT, None, None), "experts_up_proj": (EXPERT, None, None),
                    "experts_down_proj": (EXPERT, None, None), "expert_load": REPLICATED,
                    "dropped_tokens": REPLICATED, "tokens_seen": REPLICATED}
+
+    # Set by the training engine on a JAX mesh (training/expert_parallel.py):
+    # f(layer, x [B, S, hidden], valid [B*S], training) -> (routed output,
+    # load [E], real tokens, aux-loss sum, sequences) of the whole batch,
+    # computed per device. None: `_routed` (dropless runs only).
+    expert_dispatch = None
 
     def __init__(self, config: DeepSeekV3Config, **kwargs):
         super().__init__(**kwargs)
@@ -184,81 +253,68 @@ class DeepSeekMoE(keras.layers.Layer):
     def _grouped_experts(self, x, flat_experts, kept):
         """SwiGLU of every kept assignment by its expert. Returns [N, hidden]
         in assignment order (zeros where not kept)."""
-        c = self.config
-        experts, k = c.n_routed_experts, c.num_experts_per_tok
-        n = ops.shape(flat_experts)[0]
-        block = block_rows(n, experts)
-        # Sort assignments by expert (not kept: sentinel E, last, outside every
-        # group); unique keys keep the order deterministic on every backend.
-        key_expert = ops.where(kept, flat_experts, experts)
-        order = ops.argsort(key_expert * n + ops.arange(n, dtype="int32"))
-        group = ops.segment_sum(ops.cast(kept, "int32"), flat_experts, num_segments=experts)
-        x_sorted = ops.take(x, order // k, axis=0)  # assignment a is token a // k
-        dtype = x.dtype
+        return routed_expert_outputs(
+            x, flat_experts, kept, self.config.num_experts_per_tok,
+            self.experts_gate_proj, self.experts_up_proj, self.experts_down_proj)
 
-        def expert_matmul(rows, variable):
-            return grouped_matmul(rows, ops.cast(variable, dtype), group, block)
-
-        hidden = ops.silu(expert_matmul(x_sorted, self.experts_gate_proj)) * expert_matmul(
-            x_sorted, self.experts_up_proj)
-        out = expert_matmul(hidden, self.experts_down_proj)
-        position = ops.scatter_update(ops.zeros((n,), "int32"), order[:, None],
-                                      ops.arange(n, dtype="int32"))
-        return ops.take(out, position, axis=0)
+    def expert_weights(self, dtype):
+        """The routed experts' (gate, up, down) weights [E, ...] in `dtype`."""
+        return tuple(ops.cast(v, dtype) for v in
+                     (self.experts_gate_proj, self.experts_up_proj, self.experts_down_proj))
 
     # --------------------------------------------------------------- losses
-    def _sequence_aux_loss(self, scores, valid, batch, seq_len):
-        """alpha * sum_i f_i P_i per sequence (paper eqs. 17-20), mean over the
-        sequences that hold real tokens. f_i counts the plain top-k of s_i
-        (no bias, no group limit); pads are left out of both sums and T."""
-        c = self.config
-        e, k = c.n_routed_experts, c.num_experts_per_tok
-        real = ops.reshape(ops.cast(valid, "float32"), (batch, seq_len))
-        length = ops.sum(real, axis=1)  # T per sequence
-        _, plain_topk = ops.top_k(scores, k)
-        picks = ops.sum(ops.one_hot(ops.reshape(plain_topk, (batch, seq_len, k)), e), axis=2)
-        safe_length = ops.maximum(length, 1.0)[:, None]
-        f = ops.sum(picks * real[..., None], axis=1) * e / (k * safe_length)  # [B, E]
-        normed = scores / ops.sum(scores, axis=-1, keepdims=True)
-        p = ops.sum(ops.reshape(normed, (batch, seq_len, e)) * real[..., None], axis=1) / safe_length
-        has_tokens = ops.cast(length > 0, "float32")
-        per_sequence = ops.sum(f * p, axis=-1) * has_tokens
-        return c.seq_aux_loss_alpha * ops.sum(per_sequence) / ops.maximum(ops.sum(has_tokens), 1.0)
-
     def call(self, x, training=False, padding_mask=None):
         """x [B, S, hidden]; padding_mask [B, S] (1 = real token) or None."""
         c = self.config
         batch, seq_len, hidden = ops.shape(x)[0], ops.shape(x)[1], ops.shape(x)[2]
-        experts, k = c.n_routed_experts, c.num_experts_per_tok
         flat = ops.reshape(x, (-1, hidden))
-        indices, weights, scores = self.gate(flat)
         if padding_mask is None:
             valid = ops.ones((ops.shape(flat)[0],), "bool")
         else:
             valid = ops.reshape(ops.cast(padding_mask, "bool"), (-1,))
-        flat_experts = ops.reshape(ops.cast(indices, "int32"), (-1,))
-        flat_weights = ops.reshape(weights, (-1,))
-        valid_choice = ops.reshape(ops.repeat(valid[:, None], k, axis=1), (-1,))
+        dropless = not training or c.expert_capacity_factor is None
+        if self.expert_dispatch is not None and dropless:
+            # Per device (training/expert_parallel.py): routing, experts and
+            # the statistics' partial sums, summed over the mesh.
+            out, load, real_tokens, aux_sum, aux_sequences = self.expert_dispatch(
+                self, x, valid, training)
+            out = ops.reshape(out, (-1, hidden))
+            dropped = ops.zeros((), "float32")
+        else:
+            out, load, dropped, real_tokens, aux_sum, aux_sequences = self._routed(
+                flat, valid, training, batch, seq_len, padding_mask is not None)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        self.expert_load.assign_add(load)
+        self.dropped_tokens.assign_add(dropped)
+        self.tokens_seen.assign_add(real_tokens)
+        if training and c.seq_aux_loss_alpha > 0:
+            self.add_loss(c.seq_aux_loss_alpha * aux_sum / ops.maximum(aux_sequences, 1.0))
+        return ops.reshape(out, (batch, seq_len, hidden))
+
+    def _routed(self, flat, valid, training, batch, seq_len, masked):
+        """The routed experts on this process's arrays (one device, TF)."""
+        c = self.config
+        experts, k, hidden = c.n_routed_experts, c.num_experts_per_tok, ops.shape(flat)[1]
+        flat_experts, flat_weights, valid_choice, scores = routed_assignments(
+            c, flat, valid, self.gate.weight, self.gate.e_score_correction_bias)
         real_tokens = ops.sum(ops.cast(valid, "float32"))
-        capacity = self._capacity(ops.shape(flat)[0] if padding_mask is None
-                                  else ops.cast(real_tokens, "int32"), training)
+        capacity = self._capacity(ops.cast(real_tokens, "int32") if masked
+                                  else ops.shape(flat)[0], training)
         if capacity is None:
             kept = valid_choice
         else:
             kept = self._keep_by_score(flat_experts, flat_weights, valid_choice, capacity)
         per_choice = self._grouped_experts(flat, flat_experts, kept)
-        w = ops.cast(flat_weights * ops.cast(kept, "float32"), x.dtype)[:, None]
+        w = ops.cast(flat_weights * ops.cast(kept, "float32"), flat.dtype)[:, None]
         out = ops.sum(ops.reshape(per_choice * w, (-1, k, hidden)), axis=1)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
         load = ops.segment_sum(ops.cast(valid_choice, "float32"), flat_experts, num_segments=experts)
-        self.expert_load.assign_add(load)
-        self.dropped_tokens.assign_add(
-            ops.sum(ops.cast(valid_choice, "float32")) - ops.sum(ops.cast(kept, "float32")))
-        self.tokens_seen.assign_add(real_tokens)
+        dropped = ops.sum(ops.cast(valid_choice, "float32")) - ops.sum(ops.cast(kept, "float32"))
+        aux_sum = aux_sequences = ops.zeros((), "float32")
         if training and c.seq_aux_loss_alpha > 0:
-            self.add_loss(self._sequence_aux_loss(scores, valid, batch, seq_len))
-        return ops.reshape(out, (batch, seq_len, hidden))
+            aux_sum, aux_sequences = (ops.sum(t) for t in sequence_aux_terms(
+                c, scores, valid, batch, seq_len))
+        return out, load, dropped, real_tokens, aux_sum, aux_sequences
 
     # ------------------------------------------------------------- balancing
     def apply_bias_update(self, load) -> None:

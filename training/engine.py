@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from training.checkpoint import CheckpointMismatchError, EngineCheckpoints, relative_path
+from training.expert_parallel import ExpertDispatch, installed
 from training.metrics import TrainingMetrics
 from training.optim import WarmupCosineSchedule, make_optimizer, warmup_cosine_lr
 from training.parallel import MeshError, batch_sharding, global_array, make_distribution, plan_mesh, to_host
@@ -97,9 +98,16 @@ class Engine:
                           "weight_decay": s.weight_decay, "grad_clip_norm": s.grad_clip_norm},
             "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8},
         }
+        # Several devices: the routed experts run per device (all-to-all with
+        # expert_parallel > 1), installed on the MoE layers only while the
+        # step is traced (`_compile`); one device keeps the model's own code.
+        mesh = self.distribution.device_mesh.backend_mesh
+        self.dispatch = (ExpertDispatch(mesh, s.dispatch_capacity_factor)
+                         if len(self.devices) > 1 else None)
         self._step_fn = build_train_step(self.model, self.optimizer, config.bias_update_speed,
-                                         s.gradient_accumulation, s.record_history,
-                                         self.distribution.device_mesh.backend_mesh)
+                                         s.gradient_accumulation, s.record_history, mesh,
+                                         self.dispatch)
+        self.last_compiled = None  # the step `train` compiled (its HLO: training/hlo.py)
 
     def _lay_out(self) -> None:
         """Every model and optimizer variable onto the layout the
@@ -131,6 +139,21 @@ class Engine:
         A = self.s.gradient_accumulation
         return global_array(np.asarray(array[step * A:(step + 1) * A], np.int32), sharding)
 
+    def _compile(self, tv, ntv, ov, ids, mask):
+        with installed(self.model, self.dispatch):
+            return self._step_fn.lower(tv, ntv, ov, ids, mask).compile()
+
+    def compiled_step(self, micro_batches: np.ndarray, padding_mask: Optional[np.ndarray] = None):
+        """The compiled JAX step for [A, B, S] batches of this shape (its
+        `as_text()` HLO and `memory_analysis()` are what the plan command,
+        the benchmarks and the tests read). Training does not run."""
+        sharding = batch_sharding(self.distribution, 3)
+        ids = global_array(np.asarray(micro_batches, np.int32), sharding)
+        mask = None if padding_mask is None else global_array(
+            np.asarray(padding_mask, np.int32), sharding)
+        with dtype_policy(self.policy):
+            return self._compile(*self._state(), ids, mask)
+
     def step_runner(self, micro_batches: np.ndarray):
         """-> (run, compile_seconds): `run()` takes one optimizer step on the
         same [A, B, S] batch and returns the loss array (benchmarks)."""
@@ -138,7 +161,7 @@ class Engine:
         ids = global_array(np.asarray(micro_batches, np.int32), sharding)
         state = list(self._state())
         start = time.perf_counter()
-        compiled = self._step_fn.lower(*state, ids, None).compile()
+        compiled = self.last_compiled = self.compiled_step(micro_batches)
         compile_seconds = time.perf_counter() - start
 
         def run():
@@ -206,7 +229,7 @@ class Engine:
                 ids = self._batch(tokens, step, sharding)
                 mask = None if padding_mask is None else self._batch(padding_mask, step, sharding)
                 if compiled is None:
-                    compiled = self._step_fn.lower(*state, ids, mask).compile()
+                    compiled = self.last_compiled = self._compile(*state, ids, mask)
                     _wait_for_all_processes("deepseek_tfx_step_compiled")
                 *state, m = compiled(*state, ids, mask)
                 m = jax.device_get(m)
@@ -219,8 +242,13 @@ class Engine:
                     checkpoints.after_step(step + 1, state)
         summary = metrics.summary(end)
         self._write_back(*state)
+        # Steps in which some MoE call overflowed the all-to-all capacity and
+        # ran extra rounds (nothing is dropped); null on one device.
+        dispatch = None if self.dispatch is None else {
+            "capacity_factor": s.dispatch_capacity_factor,
+            "overflow_steps": metrics.overflow_steps, "extra_rounds": metrics.extra_rounds}
         return {**self.describe(), "start_step": start_step, "final_step": end,
-                "resumed": start_step > 0, **summary,
+                "resumed": start_step > 0, "dispatch": dispatch, **summary,
                 "checkpoint_steps": checkpoints.steps() if checkpoints else []}
 
 

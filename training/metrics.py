@@ -55,6 +55,8 @@ class TrainingMetrics:
         self.steps: List[dict] = []      # one per step (settings.record_history)
         self.last_experts: Dict[str, dict] = {}
         self.first_step_seconds: Optional[float] = None
+        # Dispatch capacity overflows: steps with any, and extra all-to-all rounds.
+        self.overflow_steps = self.extra_rounds = 0
         self.run_start = time.perf_counter()
         self._reset(start_step)
 
@@ -71,6 +73,9 @@ class TrainingMetrics:
         done, loss = step + 1, float(m["loss"])
         self._loss += loss
         self._ce += float(m["ce"])
+        overflow = int(m.get("dispatch_overflow", 0))
+        self.extra_rounds += overflow
+        self.overflow_steps += int(overflow > 0)
         self._grad_norm_max = max(self._grad_norm_max, float(m["grad_norm"]))
         self._grad_norm += float(m["grad_norm"])
         load, dropped = np.asarray(m["load"], np.float64), np.asarray(m["dropped"], np.float64)
@@ -80,6 +85,7 @@ class TrainingMetrics:
             self.steps.append({"step": done, "loss": loss, "ce": float(m["ce"]),
                                "grad_norm": float(m["grad_norm"]),
                                "load": m["load"].tolist(), "bias": m["bias"].tolist(),
+                               "dispatch_overflow": overflow,
                                "micro_load": m["micro_load"].tolist() if "micro_load" in m else None})
         if done % s.log_every == 0 or done == s.train_steps:
             self._log(step, m["bias"])

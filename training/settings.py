@@ -58,6 +58,10 @@ class TrainingSettings:
     grad_clip_norm: Optional[float] = 1.0   # global gradient-norm clip; None: off
     gradient_accumulation: int = 1        # micro-batches per optimizer step
     expert_parallel: int = 1              # devices per routed-expert shard group
+    # All-to-all rows per destination device as a multiple of the even share
+    # (training/expert_parallel.py); a micro-batch that needs more runs extra
+    # all-to-all rounds (counted), nothing is dropped.
+    dispatch_capacity_factor: float = 1.5
     precision: str = _explicit("auto")    # one of model.checks.PRECISIONS
     seed: int = _explicit(0)
     checkpoint_dir: Optional[str] = None  # None: no checkpoints (the Trainer gives a default)
@@ -78,6 +82,10 @@ class TrainingSettings:
             self._check(name, int_problem(getattr(self, name), minimum))
         self._check("learning_rate", _float_problem(self.learning_rate, positive=True))
         self._check("weight_decay", _float_problem(self.weight_decay, positive=False))
+        self._check("dispatch_capacity_factor",
+                    _float_problem(self.dispatch_capacity_factor, positive=True)
+                    or (None if self.dispatch_capacity_factor >= 1 else
+                        f"must be >= 1.0, got {self.dispatch_capacity_factor!r}"))
         if self.grad_clip_norm is not None:
             self._check("grad_clip_norm", _float_problem(self.grad_clip_norm, positive=True))
         if self.precision not in PRECISIONS:

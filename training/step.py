@@ -32,12 +32,15 @@ def next_token_ce(logits, token_ids, padding_mask=None):
 
 
 def build_train_step(model, optimizer, bias_update_speed: float, accumulation: int,
-                     record_history: bool, mesh):
+                     record_history: bool, mesh, dispatch=None):
     """-> jit(step)(tv, ntv, ov, ids, mask) -> (tv, ntv, ov, metrics), the
     state donated and its output shardings those of the variables now
     (model.trainable / non_trainable variables, optimizer.variables), the
     metrics replicated: loss, ce, the gradients' global norm, and per MoE
-    layer load, dropped, bias (and micro_load with record_history)."""
+    layer load, dropped, bias (and micro_load with record_history),
+    dispatch_overflow (the extra all-to-all rounds of `dispatch`,
+    training.expert_parallel.ExpertDispatch, installed on the MoE layers
+    while the step is traced)."""
     import jax
     from keras import ops
 
@@ -54,11 +57,15 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
 
     def loss_fn(tv, ntv, ids, mask):
         inputs = ids if mask is None else {"token_ids": ids, "padding_mask": mask}
+        if dispatch is not None:
+            dispatch.start()
         logits, ntv, losses = model.stateless_call(tv, ntv, inputs, training=True,
                                                    return_losses=True)
+        # Extra all-to-all rounds of this micro-batch (capacity overflows).
+        overflow = sum(dispatch.collect()) if dispatch is not None else 0
         ce = next_token_ce(logits, ids, mask)
         loss = ce + (sum(losses) if losses else 0.0)
-        return loss, (ce, ntv)
+        return loss, (ce, ntv, jax.numpy.int32(overflow))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -69,18 +76,19 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
             ntv[i] = ops.zeros_like(ntv[i])
 
         def micro_step(carry, batch):
-            ntv, grads, loss_sum, ce_sum = carry
+            ntv, grads, loss_sum, ce_sum, overflow_sum = carry
             ids, mask = batch
-            (loss, (ce, ntv)), g = grad_fn(tv, ntv, ids, mask)
+            (loss, (ce, ntv, overflow)), g = grad_fn(tv, ntv, ids, mask)
             ntv = list(ntv)
             for i, b in zip(bias_idx, bias0):  # one bias for the whole step
                 ntv[i] = b
             # float8 scales are overwritten by their "gradient": keep the last.
             grads = [gn if ow else ga + gn for ga, gn, ow in zip(grads, g, overwrite)]
-            return (ntv, grads, loss_sum + loss, ce_sum + ce), [ntv[i] for i in load_idx]
+            return ((ntv, grads, loss_sum + loss, ce_sum + ce, overflow_sum + overflow),
+                    [ntv[i] for i in load_idx])
 
         if accumulation == 1:  # no accumulator buffers
-            (loss_sum, (ce_sum, ntv)), grads = grad_fn(
+            (loss_sum, (ce_sum, ntv, overflow_sum)), grads = grad_fn(
                 tv, ntv, ids[0], None if mask is None else mask[0])
             ntv = list(ntv)
             for i, b in zip(bias_idx, bias0):
@@ -88,9 +96,10 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
             micro_loads = [[ntv[i] for i in load_idx]]
         else:  # a scan: the step compiles once whatever the accumulation
             zeros = [jax.numpy.zeros_like(x) for x in tv]
-            carry = (ntv, zeros, jax.numpy.float32(0.0), jax.numpy.float32(0.0))
+            carry = (ntv, zeros, jax.numpy.float32(0.0), jax.numpy.float32(0.0),
+                     jax.numpy.int32(0))
             carry, micro_loads = jax.lax.scan(micro_step, carry, (ids, mask))
-            ntv, grads, loss_sum, ce_sum = carry
+            ntv, grads, loss_sum, ce_sum, overflow_sum = carry
         ntv = list(ntv)
         if accumulation > 1:
             grads = [g if ow else g / accumulation for g, ow in zip(grads, overwrite)]
@@ -105,6 +114,7 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
                                  for g, ow in zip(grads, overwrite) if not ow))
         tv, ov = optimizer.stateless_apply(ov, grads, tv)
         metrics = {"loss": loss_sum / accumulation, "ce": ce_sum / accumulation,
+                   "dispatch_overflow": overflow_sum,
                    "grad_norm": grad_norm,
                    "load": ops.stack(loads) if loads else ops.zeros((0,)),
                    "dropped": ops.stack([ntv[i] for i in dropped_idx]) if loads

@@ -10,6 +10,7 @@ or by hand on a machine with JAX and no TensorFlow. SPEC:
      "output_dir": "<dir>",          # gets result.json and weights.npz
      "num_devices": int | null,      # default: every device (all processes)
      "save_weights": true, "stop_after": null, "report_shardings": false,
+     "report_collectives": false,    # the compiled step's collectives (training/hlo.py)
      "logits_for": "<.npy [N, S] int32>" | null,  # -> output_dir/logits.npy
      "data_identity": str | null}   # part of the checkpoint fingerprint
 
@@ -166,6 +167,11 @@ def _main(argv=None) -> int:
     out = spec["output_dir"]
     if spec.get("report_shardings"):
         result["shardings"] = sharding_report(engine)
+    if spec.get("report_collectives") and engine.last_compiled is not None:
+        from training import hlo
+
+        result["collectives"] = [op.to_dict() for op in
+                                 hlo.collectives(engine.last_compiled.as_text())]
     from training.environment import engine_environment
 
     result["engine_environment"] = engine_environment()

@@ -1,9 +1,10 @@
 """The training engine (training/) in child processes with KERAS_BACKEND=jax
 and 8 virtual CPU devices: the same training on 1 device, 8-way data
-parallel, a 2 x 4 (batch x expert) mesh and two processes; expert-parallel
-shardings; DeepSeek-V3's once-per-step global bias update under gradient
-accumulation; kill -9 and resume (with the batches streamed on stdin, and
-onto another device count)."""
+parallel, 2 x 4 and 1 x 8 (batch x expert) meshes and two processes with
+the experts split between them; expert-parallel shardings; what crosses
+devices in the compiled step (its HLO); DeepSeek-V3's once-per-step global
+bias update under gradient accumulation; kill -9 and resume (with the
+batches streamed on stdin, and onto another device count)."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from training import launch
 
 pytestmark = pytest.mark.integration
 
-TINY = get_preset("tiny")  # 4 routed experts, 1 MoE layer
+TINY = get_preset("tiny", n_routed_experts=8)  # 1 MoE layer; 8 experts for the 1 x 8 mesh
 STEPS, BATCH, SEQ = 20, 8, 16
 GAMMA = TINY.bias_update_speed
 # Float tolerances between meshes: XLA reduces in a different order when the
@@ -39,7 +40,8 @@ def _spec(workdir, tokens, **engine):
                 "warmup_steps": 5, "log_every": 5, "record_history": True}
     settings.update(engine)
     return {"model_config": TINY.to_dict(), "engine": settings, "tokens": tokens,
-            "output_dir": str(workdir / "out"), "report_shardings": True}
+            "output_dir": str(workdir / "out"), "report_shardings": True,
+            "report_collectives": True}
 
 
 def _run(workdir, spec, devices=8, num_devices=None, env=None, batches=None):
@@ -75,17 +77,25 @@ def runs(tmp_path_factory):
     one = _run(root / "one", spec, num_devices=1)
     dp = _run(root / "dp8", spec)
     ep = _run(root / "ep4", dict(spec, engine=dict(spec["engine"], expert_parallel=4)))
-    return {"root": root, "tokens": tokens, "spec": spec, "one": one, "dp": dp, "ep": ep}
+    ep8 = _run(root / "ep8", dict(spec, engine=dict(spec["engine"], expert_parallel=8)))
+    return {"root": root, "tokens": tokens, "spec": spec, "one": one, "dp": dp, "ep": ep,
+            "ep8": ep8}
 
 
-def test_one_device_dp8_and_2x4_mesh_train_the_same(runs):
-    one, dp, ep = runs["one"][0], runs["dp"][0], runs["ep"][0]
-    assert (one["mesh"], dp["mesh"], ep["mesh"]) == (
-        {"batch": 1, "expert": 1}, {"batch": 8, "expert": 1}, {"batch": 2, "expert": 4})
-    _assert_same_training(one, dp)
-    _assert_same_training(one, ep)
-    _assert_same_weights(runs["one"][1], runs["dp"][1])
-    _assert_same_weights(runs["one"][1], runs["ep"][1])
+def test_one_device_dp8_2x4_and_1x8_meshes_train_the_same(runs):
+    one, dp, ep, ep8 = (runs[k][0] for k in ("one", "dp", "ep", "ep8"))
+    assert (one["mesh"], dp["mesh"], ep["mesh"], ep8["mesh"]) == (
+        {"batch": 1, "expert": 1}, {"batch": 8, "expert": 1}, {"batch": 2, "expert": 4},
+        {"batch": 1, "expert": 8})
+    for other in ("dp", "ep", "ep8"):
+        _assert_same_training(one, runs[other][0])
+        _assert_same_weights(runs["one"][1], runs[other][1])
+    # Every step with an overflow (extra all-to-all rounds) is counted, nothing dropped.
+    for run in (ep, ep8):
+        assert run["dispatch"]["overflow_steps"] == sum(
+            s["dispatch_overflow"] > 0 for s in run["steps"])
+        assert all(e["dropped_fraction"] == 0 for e in run["expert_utilization_last_interval"]
+                   .values())
     # The bias really moved, by one gamma-sized step per optimizer step.
     bias = np.array([s["bias"] for s in one["steps"]])  # [steps, layers, E]
     steps = np.abs(np.diff(bias, axis=0))
@@ -145,14 +155,42 @@ def test_accumulation_moves_each_bias_once_by_the_sign_of_the_global_load(tmp_pa
     assert discriminating > 0
 
 
+def _token_sized(dims):
+    """A tensor over the global batch's tokens or (token, expert) assignments."""
+    tokens = BATCH * SEQ  # no weight of the tiny model has a dimension of this size
+    return any(d in (tokens, tokens * TINY.num_experts_per_tok) for d in dims)
+
+
+@pytest.mark.parametrize("run,shards", [("dp", 1), ("ep", 4), ("ep8", 8)])
+def test_compiled_step_keeps_tokens_local_and_expert_weights_in_their_shard(runs, run, shards):
+    ops = runs[run][0]["collectives"]
+    assert ops, "the step on 8 devices has collectives"
+    kinds = {op["kind"] for op in ops}
+    # Tokens and routing state are never gathered or reduced across devices.
+    for op in ops:
+        if op["kind"] in ("all-gather", "all-reduce", "reduce-scatter"):
+            assert not any(_token_sized(d) for d in op["dims"]), op
+    # Expert parallel: the assignments travel by all-to-all; data parallel: nothing does.
+    assert ("all-to-all" in kinds) == (shards > 1), kinds
+    if shards > 1:
+        c = TINY
+        expert_planes = {(c.hidden_size, c.moe_intermediate_size),
+                         (c.moe_intermediate_size, c.hidden_size)}
+        for op in ops:  # no full expert weight (or per-tile copies of it), no full gradient
+            for d in op["dims"] if op["kind"] != "all-to-all" else ():  # those carry tokens
+                if len(d) == 3 and tuple(d[1:]) in expert_planes:
+                    assert d[0] == c.n_routed_experts // shards and op["kind"] == "all-reduce", op
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_train_data_parallel_like_one(runs, tmp_path):
-    spec = dict(runs["spec"], output_dir=str(tmp_path / "out"))
+def test_two_processes_with_the_experts_split_between_them_train_like_one(runs, tmp_path):
+    spec = dict(runs["spec"], output_dir=str(tmp_path / "out"),
+                engine=dict(runs["spec"]["engine"], expert_parallel=2))
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -172,7 +210,8 @@ def test_two_processes_train_data_parallel_like_one(runs, tmp_path):
     with open(tmp_path / "out" / "result.json") as f:
         result = json.load(f)
     assert result["processes"] == 2 and result["num_devices"] == 2
-    assert result["mesh"] == {"batch": 2, "expert": 1}
+    assert result["mesh"] == {"batch": 1, "expert": 2}
+    assert any(op["kind"] == "all-to-all" for op in result["collectives"])
     _assert_same_training(runs["one"][0], result)
     with np.load(tmp_path / "out" / "weights.npz") as w:
         _assert_same_weights(runs["one"][1], {k: w[k] for k in w.files})
