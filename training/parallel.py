@@ -26,8 +26,9 @@ from training.settings import experts_problem
 
 # Routed-expert weights are expert-major [E, ...]; this matches their paths
 # (".../mlp/experts_gate_proj") and their optimizer moments' names
-# ("..._mlp_experts_gate_proj_momentum"), not the shared experts'.
-EXPERT_WEIGHT_PATTERN = r"mlp[/_]experts_(gate|up|down)_proj($|_)"
+# ("..._mlp_experts_gate_proj_momentum"), not the shared experts'. Whole-path
+# form: Keras 3.15's LayoutMap matches with re.fullmatch (3.12: re.search).
+EXPERT_WEIGHT_PATTERN = r".*mlp[/_]experts_(gate|up|down)_proj(_.*)?$"
 MESH_AXES = ("batch", "expert")
 
 
