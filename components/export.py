@@ -1,5 +1,4 @@
-"""Exports of the trained model: a float32 inference copy, the Keras-native
-`model.keras`, and a TF SavedModel (Keras 3 `ExportArchive`) with three
+"""Exports of the trained model: the Keras-native `model.keras`, and a TF SavedModel (Keras 3 `ExportArchive`) with three
 signatures:
 
 * ``serving_default(examples: tf.string [B])`` -- serialized tf.Examples with
@@ -35,36 +34,6 @@ import os
 
 import keras
 import tensorflow as tf
-
-from components.training_loop import dtype_policy, relative_variable_path
-
-
-# -------------------------------------------------------------- the copy
-def inference_model(trained, config):
-    """A float32, non-quantized, non-distributed copy of `trained`.
-
-    Mixed-precision and float8 training keep float32 master weights, so the
-    copy holds exactly the trained values; float8 scale / amax-history
-    variables (training-time bookkeeping of the quantized Dense layers) have
-    no counterpart and are dropped. The MoE load counters are reset."""
-    from model.deepseek_v3 import DeepSeekV3ForCausalLM
-
-    if tf.distribute.in_cross_replica_context() and tf.distribute.has_strategy():
-        raise RuntimeError("inference_model: build the copy outside the training strategy's scope")
-    with dtype_policy("float32"):
-        copy = DeepSeekV3ForCausalLM(config)
-    source = {relative_variable_path(v): v for v in trained.weights}
-    missing = []
-    for variable in copy.weights:
-        key = relative_variable_path(variable)
-        if key not in source:
-            missing.append(key)
-            continue
-        variable.assign(tf.cast(source[key].numpy(), variable.dtype))
-    if missing:
-        raise ValueError(f"inference_model: the trained model has no variables {missing}")
-    copy.reset_expert_counts()
-    return copy
 
 
 def save_keras_model(model, path: str) -> str:

@@ -5,13 +5,14 @@ GenericExecutor). An adapter between TFX and the training engine
 backend is fixed per process and this one keeps TensorFlow.
 
 What it does, in order:
-1. Validates `fn_args.custom_config` (see `components.trainer_config`) and
-   fn_args.train_steps / eval_steps, before anything heavy happens.
-2. Reads the Examples the TFX way: `fn_args.data_accessor.tf_dataset_factory`
-   over `fn_args.train_files` with the curated schema (`fn_args.schema_path`,
-   else the schema the pipeline's CuratedSchemaGen writes), seeded shuffle.
-   The first training batch is read here (an empty split fails before the
-   engine starts); the eval batches are read whole (eval_steps of them).
+1. Validates `fn_args.custom_config` into the one training-settings type
+   (`components.trainer_config`, `training.settings`) and fn_args'
+   train_steps / eval_steps, before anything heavy happens.
+2. Reads the Examples the TFX way (`components.trainer_input`):
+   `fn_args.data_accessor.tf_dataset_factory` over `fn_args.train_files` with
+   the curated schema, seeded shuffle. The first training batch is read here
+   (an empty split fails before the engine starts); the eval batches are
+   read whole (eval_steps of them).
 3. Runs `python -m training.worker` with KERAS_BACKEND=jax and streams the
    `train_steps x gradient_accumulation` training batches to its stdin as
    they come out of tf.data (a writer thread, `training.launch.BatchFeeder`;
@@ -34,16 +35,16 @@ import json
 import math
 import os
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable
 
 import numpy as np
 
-from components.trainer_config import TrainerConfigError, TrainerSettings, custom_config, parse_fn_args  # noqa: F401
+from components.trainer_config import TrainerConfigError, custom_config, parse_fn_args  # noqa: F401
+from components.trainer_input import read_batches, stream_batches
 from training.worker import json_safe
 
 SUMMARY_FILE = "training_summary.json"
 KERAS_MODEL_PATH = os.path.join("keras", "model.keras")
-FEATURE = "input_ids"
 
 
 def model_artifact_uri(serving_model_dir: str) -> str:
@@ -51,109 +52,20 @@ def model_artifact_uri(serving_model_dir: str) -> str:
     return os.path.dirname(os.path.normpath(serving_model_dir))
 
 
-# ------------------------------------------------------------------ input
-def _schema(fn_args, settings: TrainerSettings):
-    """The curated schema: fn_args' schema file, else the one we know."""
-    from tensorflow_metadata.proto.v0 import schema_pb2
-    from tfx.utils import io_utils
-
-    from components.curated_schema import make_schema
-
-    path = getattr(fn_args, "schema_path", None) or getattr(fn_args, "schema_file", None)
-    if path:
-        if os.path.isdir(path):
-            path = os.path.join(path, "schema.pbtxt")
-        return io_utils.parse_pbtxt_file(path, schema_pb2.Schema())
-    return make_schema(settings.model_config.vocab_size, settings.seq_len)
-
-
-def _dataset(fn_args, settings: TrainerSettings, files, shuffle: bool, what: str):
-    """(tf.data of [B, S] token batches, file patterns): seeded-shuffle and
-    endless when shuffle, else one pass with a short last batch."""
-    import tensorflow as tf
-
-    from components import training_loop as tl
-
-    t = settings.training
-    patterns = tl.resolve_file_patterns(files, what)
-    accessor = getattr(fn_args, "data_accessor", None)
-    if accessor is not None:
-        from tfx_bsl.public import tfxio
-
-        options = tfxio.TensorFlowDatasetOptions(
-            batch_size=t.batch_size, shuffle=shuffle, shuffle_seed=t.seed if shuffle else None,
-            num_epochs=None if shuffle else 1, drop_final_batch=shuffle)
-        dataset = accessor.tf_dataset_factory(patterns, options, _schema(fn_args, settings))
-        dataset = dataset.map(lambda f: tf.cast(f[FEATURE], tf.int32))
-    elif shuffle:  # no DataAccessor (scripts, tests): the same files through tf.data
-        dataset = tl.train_dataset(patterns, settings.seq_len, t.batch_size, t.seed).map(
-            lambda ids, _: ids)
-    else:
-        dataset = tl.eval_dataset(patterns, settings.seq_len, t.batch_size, None).map(
-            lambda b: b[FEATURE])
-    return dataset, patterns
-
-
-def read_batches(fn_args, settings: TrainerSettings, files, batches: Optional[int],
-                 what: str) -> np.ndarray:
-    """[examples, S] int32 tokens of the first `batches` batches of one pass
-    over `files` (all of them when batches is None); for evaluation."""
-    dataset, patterns = _dataset(fn_args, settings, files, False, what)
-    if batches:
-        dataset = dataset.take(batches)
-    arrays = [np.asarray(b, np.int32) for b in dataset.as_numpy_iterator()]
-    if not arrays:
-        raise ValueError(f"fn_args.{what}: {list(patterns)!r} has no examples")
-    return np.concatenate(arrays)
-
-
-def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
-                   what: str = "train_files") -> Iterator[np.ndarray]:
-    """The `batches` seeded-shuffle [B, S] int32 training batches, lazily.
-    The first one is read now, so an empty split or a wrong shape fails
-    here, before the engine starts; a split that runs short fails when it
-    does, naming how many batches it gave."""
-    dataset, patterns = _dataset(fn_args, settings, files, True, what)
-    iterator = dataset.take(batches).as_numpy_iterator()
-    expected = (settings.training.batch_size, settings.seq_len)
-
-    def checked(batch, index):
-        batch = np.ascontiguousarray(batch, np.int32)
-        if batch.shape != expected:
-            raise ValueError(f"fn_args.{what}: batch {index} has shape {batch.shape}, "
-                             f"expected {expected} (batch_size, seq_len)")
-        return batch
-
-    first = next(iterator, None)
-    if first is None:
-        raise ValueError(f"fn_args.{what}: {list(patterns)!r} has no examples")
-    first = checked(first, 0)
-
-    def rest():
-        yield first
-        n = 1
-        for batch in iterator:
-            yield checked(batch, n)
-            n += 1
-        if n < batches:
-            raise ValueError(f"fn_args.{what}: got {n} batches, need {batches}")
-
-    return rest()
-
-
 # --------------------------------------------------------------- weights
 def load_trained_model(config, weights_path: str):
     """A float32 TF-backend model holding the engine's trained weights
     (float8 scale bookkeeping has no counterpart and is dropped)."""
-    from components.training_loop import dtype_policy, relative_variable_path
     from model.deepseek_v3 import DeepSeekV3ForCausalLM
+    from training.checkpoint import relative_path
+    from training.precision import dtype_policy
 
     with dtype_policy("float32"):
         model = DeepSeekV3ForCausalLM(config)
     with np.load(weights_path) as trained:
         missing = []
         for variable in model.weights:
-            key = relative_variable_path(variable)
+            key = relative_path(variable)
             if key not in trained.files:
                 missing.append(key)
                 continue
@@ -195,7 +107,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     from components import export
     from model.evaluation import eval_metrics
     from training import launch
-    from training.engine import expert_summary
+    from training.metrics import expert_summary
 
     t = settings.training
     config, train_steps = settings.model_config, t.train_steps

@@ -44,6 +44,7 @@ from keras import ops
 from .config import DeepSeekV3Config
 from .grouped_matmul import grouped_matmul, tile_rows
 from .mlp import SwiGLUMLP
+from .sharding import EXPERT, REPLICATED
 
 # Experts of groups that were not selected can never be chosen (-inf, as in
 # the official inference code and transformers 5; older transformers used 0.0,
@@ -65,6 +66,8 @@ def block_rows(assignments, experts):
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
 class TopkRouter(keras.layers.Layer):
     """The gate: returns (expert indices [T, K], weights [T, K], scores [T, E])."""
+
+    WEIGHT_AXES = {"weight": REPLICATED, "e_score_correction_bias": REPLICATED}  # (model.sharding)
 
     def __init__(self, config: DeepSeekV3Config, **kwargs):
         kwargs.setdefault("dtype", "float32")  # routing stays in float32
@@ -112,6 +115,13 @@ class TopkRouter(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
 class DeepSeekMoE(keras.layers.Layer):
     """Routed SwiGLU experts + shared experts, with load statistics."""
+
+    # The mesh layout (model.sharding): the routed experts' weights [E, ...]
+    # split over the "expert" axis (expert parallelism); the counters are
+    # replicated (every device holds the global count).
+    WEIGHT_AXES = {"experts_gate_proj": (EXPERT, None, None), "experts_up_proj": (EXPERT, None, None),
+                   "experts_down_proj": (EXPERT, None, None), "expert_load": REPLICATED,
+                   "dropped_tokens": REPLICATED, "tokens_seen": REPLICATED}
 
     def __init__(self, config: DeepSeekV3Config, **kwargs):
         super().__init__(**kwargs)

@@ -3,9 +3,13 @@
 import keras
 from keras import ops
 
+from .sharding import REPLICATED
+
 
 @keras.saving.register_keras_serializable(package="deepseek_tfx")
 class RMSNorm(keras.layers.Layer):
+    WEIGHT_AXES = {"scale": REPLICATED}  # the mesh layout (model.sharding)
+
     def __init__(self, epsilon: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -98,3 +98,70 @@ def _atomic_write_text(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+class EngineCheckpoints:
+    """The engine's training state, (trainable, non-trainable, optimizer)
+    arrays, checkpointed every `checkpoint_every` steps and at the last one;
+    model variables keyed "model/<path>", optimizer variables by position."""
+
+    def __init__(self, settings, fingerprint: dict, model, optimizer,
+                 log_fn: Callable[[str], None], is_writer: bool):
+        self.s, self.log_fn = settings, log_fn
+        self.checkpointer = Checkpointer(settings.checkpoint_dir, fingerprint, is_writer=is_writer)
+        self.keys = ["model/" + relative_path(v) for v in
+                     model.trainable_variables + model.non_trainable_variables]
+        self.keys += [f"optimizer/{i:05d}" for i in range(len(optimizer.variables))]
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError("two model variables share a path")
+        self.sizes = (len(model.trainable_variables), len(model.non_trainable_variables))
+        self.last: Optional[int] = None  # the last step saved or resumed from
+
+    def _flat(self, state) -> list:
+        return [x for part in state for x in part]
+
+    def _split(self, values: list):
+        n_tv, n_ntv = self.sizes
+        return values[:n_tv], values[n_tv:n_tv + n_ntv], values[n_tv + n_ntv:]
+
+    def resume(self, state):
+        """-> (start step, state): the latest checkpoint laid out like `state`, else (0, state)."""
+        from training.parallel import global_array
+
+        c = self.checkpointer
+        step = c.latest()
+        if step is None:
+            return 0, state
+        c.check_fingerprint()
+        if step > self.s.train_steps:
+            raise CheckpointMismatchError(
+                f"the checkpoint in {c.directory} is at step {step} > train_steps "
+                f"{self.s.train_steps}; use a fresh checkpoint directory")
+        arrays, where = c.load(step), c.path(step)
+        missing = sorted(set(self.keys) - set(arrays))
+        extra = sorted(set(arrays) - set(self.keys))
+        if missing or extra:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} does not match this model/optimizer (missing {missing[:5]}, "
+                f"unexpected {extra[:5]}); point training.checkpoint_dir at a fresh directory")
+        values = []
+        for key, ref in zip(self.keys, self._flat(state)):
+            host = arrays[key]
+            if tuple(host.shape) != tuple(ref.shape):
+                raise CheckpointMismatchError(f"checkpoint {where}: {key} has shape {host.shape}, "
+                                              f"the model needs {tuple(ref.shape)}")
+            values.append(global_array(host.astype(ref.dtype), ref.sharding))
+        self.last = step
+        self.log_fn(f"resuming from step {step} ({where})")
+        return step, self._split(values)
+
+    def after_step(self, done: int, state) -> None:
+        if done % self.s.checkpoint_every == 0 or done == self.s.train_steps:
+            from training.parallel import to_host
+
+            self.checkpointer.save(done, dict(zip(self.keys, [to_host(x) for x in self._flat(state)])))
+            self.last = done
+            self.log_fn(f"checkpoint step {done}")
+
+    def steps(self) -> List[int]:
+        return self.checkpointer.steps()

@@ -2,11 +2,12 @@
 
 Mesh axes ("batch", "expert"). Data parallel by default: every device on the
 batch axis, expert axis of size 1. `expert_parallel = N` puts N devices on the
-expert axis: the routed experts' weights [E, ...] (and, through Keras, their
-optimizer moments, which take their variable's layout) are split into N
-slices of E/N experts; everything else is replicated. Each global batch is
-split over *all* devices (both axes), so the dense part stays data parallel
-and XLA's SPMD partitioner moves tokens to the experts' devices.
+expert axis. Each weight is laid out as the model declares it
+(`model.sharding.weight_axes`: the routed experts' weights [E, ...] split
+into N slices of E/N experts, everything else replicated), and each
+optimizer moment like the weight it belongs to. Each global batch is split
+over *all* devices (both axes), so the dense part stays data parallel and
+XLA's SPMD partitioner moves tokens to the experts' devices.
 
 Multi-host: `initialize_from_env()` calls `keras.distribution.initialize()`
 when KERAS_DISTRIBUTION_NUM_PROCESSES > 1 (with KERAS_DISTRIBUTION_JOB_ADDRESSES
@@ -18,18 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+import re
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from model.sharding import BATCH, EXPERT, REPLICATED
 from training.settings import experts_problem
 
-# Routed-expert weights are expert-major [E, ...]; this matches their paths
-# (".../mlp/experts_gate_proj") and their optimizer moments' names
-# ("..._mlp_experts_gate_proj_momentum"), not the shared experts'. Whole-path
-# form: Keras 3.15's LayoutMap matches with re.fullmatch (3.12: re.search).
-EXPERT_WEIGHT_PATTERN = r".*mlp[/_]experts_(gate|up|down)_proj(_.*)?$"
-MESH_AXES = ("batch", "expert")
+MESH_AXES = (BATCH, EXPERT)
 
 
 class MeshError(ValueError):
@@ -84,7 +82,7 @@ def initialize_from_env(seed: int) -> int:
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
             # CPU processes talk through gloo (JAX's default has no CPU collectives).
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        from training.engine import set_seed
+        from training.seed import set_seed
 
         set_seed(seed)
         keras.distribution.initialize()
@@ -100,9 +98,25 @@ def _has_accelerator() -> bool:
         return False
 
 
-def make_distribution(plan: MeshPlan, devices: Optional[Sequence] = None):
-    """keras.distribution.ModelParallel over the ("batch", "expert") mesh with
-    the routed experts sharded on "expert"."""
+def variable_axes(model, optimizer) -> Dict[str, Tuple[Optional[str], ...]]:
+    """{variable path: mesh axes} for every model and optimizer variable: the
+    model's declaration, and for an optimizer moment (Keras names it
+    "<its variable's path, / as _>_<slot>") that of its variable."""
+    from model.sharding import weight_axes
+
+    axes = weight_axes(model)
+    by_prefix = {v.path.replace("/", "_") + "_": v for v in model.trainable_variables}
+    for v in optimizer.variables:
+        owner = max((p for p in by_prefix if v.name.startswith(p)), key=len, default=None)
+        same_shape = owner is not None and tuple(by_prefix[owner].shape) == tuple(v.shape)
+        axes[v.path] = axes[by_prefix[owner].path] if same_shape else REPLICATED  # (step counters)
+    return axes
+
+
+def make_distribution(plan: MeshPlan, model, optimizer, devices: Optional[Sequence] = None):
+    """keras.distribution.ModelParallel over the ("batch", "expert") mesh
+    whose LayoutMap holds every sharded variable of `model` and `optimizer`
+    by its exact path (`variable_axes`)."""
     import jax
     import keras
 
@@ -113,9 +127,12 @@ def make_distribution(plan: MeshPlan, devices: Optional[Sequence] = None):
         shape=(plan.batch, plan.expert), axis_names=MESH_AXES,
         devices=np.asarray(devices, dtype=object).reshape(plan.batch, plan.expert))
     layout_map = keras.distribution.LayoutMap(mesh)
+    axes = variable_axes(model, optimizer)  # also on one device: an undeclared weight fails here
     if plan.expert > 1:
-        layout_map[EXPERT_WEIGHT_PATTERN] = ("expert", None, None)
-    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+        for path, spec in axes.items():
+            if spec != REPLICATED:  # keys are regexes: anchor the exact path
+                layout_map["^" + re.escape(path) + "$"] = spec
+    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name=BATCH)
 
 
 def batch_sharding(distribution, rank: int):

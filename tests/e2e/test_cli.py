@@ -24,7 +24,7 @@ NOISE = ("Traceback", "FutureWarning", "WARNING:absl", "cuda_", "I0000")
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # TensorFlow's C++ start-up lines as a user gets them
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "app.cli", "run", *args], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=900)
 
 
@@ -80,8 +80,8 @@ def test_exit_status_is_this_runs_verdict_not_the_stores_newest(pushed_run):
     assert "Trainer done (cached)" in out.stdout and "Model blessed and pushed to" in out.stdout
 
     # Each run's record is found by its own pipeline-run id.
-    from pipeline.inspect_metadata import collect
-    from pipeline.run_report import run_outcome
+    from app.inspect_metadata import collect
+    from app.run_report import run_outcome
 
     metadata = str(run_dir / "metadata.sqlite")
     runs = sorted(collect(metadata)["runs"], key=lambda r: r["created"])

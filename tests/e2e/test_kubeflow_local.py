@@ -241,7 +241,7 @@ def test_resource_and_beam_options():
 
 
 def test_compile_cli(compiled, capsys):
-    from pipeline.cli import main
+    from app.cli import main
 
     out = compiled["tmp"] / "cli.json"
     rc = main(["compile", "--output", str(out), "--image", IMAGE, "--pipeline-root", "gs://bucket/root",
@@ -289,7 +289,7 @@ def _deploy_args(host, compiled, *extra):
 
 
 def test_deploy_to_a_closed_port_fails_cleanly(compiled, capsys, tmp_path, monkeypatch):
-    from pipeline.cli import main
+    from app.cli import main
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # kfp's context file would go here
     keep = tmp_path / "kept.json"
@@ -309,7 +309,7 @@ def test_deploy_to_a_closed_port_fails_cleanly(compiled, capsys, tmp_path, monke
     (200, {"Content-Type": "text/html"}, "authentication required"),
 ])
 def test_deploy_auth_failures_are_one_line(compiled, capsys, status, headers, expected):
-    from pipeline.cli import main
+    from app.cli import main
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -334,7 +334,7 @@ def test_deploy_auth_failures_are_one_line(compiled, capsys, status, headers, ex
 def test_deploy_submits_the_pipeline_spec_yaml(compiled, capsys, tmp_path, monkeypatch):
     """A loopback stand-in for the KFP v2beta1 API: the kfp client uploads the
     PipelineSpec (with the pipeline root) of the compiled PipelineJob."""
-    from pipeline.cli import main
+    from app.cli import main
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     seen = {}

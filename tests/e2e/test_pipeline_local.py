@@ -36,7 +36,7 @@ def _run(settings):
 
 
 def _info(settings):
-    from pipeline.inspect_metadata import collect
+    from app.inspect_metadata import collect
 
     return collect(settings.path("metadata"))
 
@@ -78,7 +78,7 @@ def test_pipeline_trains_blesses_and_pushes(good_run):
 
 
 def test_pushed_model_generates(good_run):
-    from pipeline.serving import generate_from_pushed
+    from app.serving import generate_from_pushed
 
     out, _ = generate_from_pushed(good_run.path("serving"), [[1, 2, 3], [4]], 5)
     assert np.asarray(out).shape == (2, 5)
@@ -175,7 +175,7 @@ def test_worse_candidate_than_the_blessed_baseline_is_not_pushed(good_run):
     assert model_blessing["failures"] == latest["failures"]
     assert _blessing(info, "InfraBlessing")["properties"]["blessed"] == 1  # the checks pass: TFMA refused
     assert sorted(os.listdir(worse.path("serving"))) == pushed_before
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--run-dir", worse.run_dir],
+    out = subprocess.run([sys.executable, "-m", "app.cli", "inspect", "--run-dir", worse.run_dir],
                          capture_output=True, text=True, check=True, env=_env())
     assert "thresholds FAILED" in out.stdout and "change vs baseline" in out.stdout, out.stdout
     # The lineage is still that of the pushed (first) model, not of the refused one.
@@ -185,7 +185,7 @@ def test_worse_candidate_than_the_blessed_baseline_is_not_pushed(good_run):
 
 
 def test_inspect_cli_shows_the_record(good_run):
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "--run-dir", good_run.run_dir,
+    out = subprocess.run([sys.executable, "-m", "app.cli", "inspect", "--run-dir", good_run.run_dir,
                           "--json"], capture_output=True, text=True, check=True, env=_env())
     info = json.loads(out.stdout)
     assert any(a["type"] == "PushedModel" for a in info["artifacts"])
@@ -261,7 +261,7 @@ def test_invalid_settings_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(SettingsError, match="gradient_accumulation"):
         _settings(tmp_path, gradient_accumulation=0)
     run_dir = tmp_path / "cli_run"
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
+    out = subprocess.run([sys.executable, "-m", "app.cli", "run", "--run-dir", str(run_dir),
                           "--preset", "tiny", "--model-overrides", '{"n_group": 3}'],
                          capture_output=True, text=True)
     assert out.returncode == 2
@@ -276,7 +276,7 @@ def test_cli_run_with_expert_parallel_4_on_8_virtual_devices_is_blessed_and_push
     run_dir = tmp_path / "ep_run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir),
+    out = subprocess.run([sys.executable, "-m", "app.cli", "run", "--run-dir", str(run_dir),
                           "--preset", "tiny", "--seq-len", "16", "--train-examples", "512",
                           "--eval-examples", "64", "--steps", "30", "--batch-size", "16",
                           "--expert-parallel", "4", "--thresholds", json.dumps(LOOSE_GATE)],

@@ -136,7 +136,7 @@ def test_cli_generate_refuses_bad_requests_in_one_line(exported, tmp_path, argv,
     serving = tmp_path / "serving"
     shutil.copytree(path, serving / "1")
     env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "--serving-dir",
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "generate", "--serving-dir",
                            str(serving)] + argv, capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env=env)
     if message is None:

@@ -346,8 +346,8 @@ def test_float8_training(tmp_path, examples):
 
 # ------------------------------------------------------- fast, no training
 def test_precision_and_mesh_choice():
-    from training.engine import resolve_precision
     from training.parallel import MeshError, plan_mesh
+    from training.precision import resolve_precision
 
     assert resolve_precision("auto", "cpu") == ("float32", False)
     assert resolve_precision("auto", "gpu") == ("mixed_bfloat16", False)

@@ -1,4 +1,4 @@
-"""pipeline.console in a child process (it rewires file descriptors 1 and 2):
+"""app.console in a child process (it rewires file descriptors 1 and 2):
 what reaches the terminal and what goes to the log."""
 
 import os
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 SCRIPT = textwrap.dedent("""
     import logging, os, sys, warnings
-    from pipeline.console import RunConsole
+    from app.console import RunConsole
 
     with RunConsole(verbose=sys.argv[2] == "verbose") as console:
         os.write(2, b"c-level noise before attach\\n")

@@ -10,7 +10,8 @@ import os
 from typing import Any, Dict, List
 
 
-def _store(metadata_path: str):
+def open_store(metadata_path: str):
+    """The run's ML Metadata store, read-only."""
     from ml_metadata import metadata_store
     from ml_metadata.proto import metadata_store_pb2
 
@@ -32,19 +33,20 @@ def _value(v) -> Any:
     return getattr(v, kind) if kind else None
 
 
-def _props(node) -> Dict[str, Any]:
+def properties(node) -> Dict[str, Any]:
+    """An execution's or artifact's properties and custom properties, as plain values."""
     out = {k: _value(v) for k, v in node.properties.items()}
     out.update({k: _value(v) for k, v in node.custom_properties.items()})
     return out
 
 
-_STATES = {0: "UNKNOWN", 1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
+EXECUTION_STATES = {0: "UNKNOWN", 1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
 
 
 def collect(metadata_path: str) -> Dict[str, Any]:
     from ml_metadata.proto import metadata_store_pb2
 
-    store = _store(metadata_path)
+    store = open_store(metadata_path)
     artifact_types = {t.id: t.name for t in store.get_artifact_types()}
     execution_types = {t.id: t.name for t in store.get_execution_types()}
     context_types = {t.id: t.name for t in store.get_context_types()}
@@ -53,13 +55,13 @@ def collect(metadata_path: str) -> Dict[str, Any]:
              "created": c.create_time_since_epoch} for c in contexts
             if context_types[c.type_id] == "pipeline_run"]
     executions = [{
-        "id": e.id, "type": execution_types[e.type_id], "state": _STATES.get(e.last_known_state, "?"),
-        "component": _props(e).get("component_id", execution_types[e.type_id].split(".")[-1]),
+        "id": e.id, "type": execution_types[e.type_id], "state": EXECUTION_STATES.get(e.last_known_state, "?"),
+        "component": properties(e).get("component_id", execution_types[e.type_id].split(".")[-1]),
         "created": e.create_time_since_epoch,
     } for e in store.get_executions()]
     artifacts = [{
         "id": a.id, "type": artifact_types[a.type_id], "uri": a.uri,
-        "state": metadata_store_pb2.Artifact.State.Name(a.state), "properties": _props(a),
+        "state": metadata_store_pb2.Artifact.State.Name(a.state), "properties": properties(a),
     } for a in store.get_artifacts()]
     events = store.get_events_by_execution_ids([e["id"] for e in executions]) if executions else []
     edges = [{"execution_id": ev.execution_id, "artifact_id": ev.artifact_id,

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from pipeline.inspect_metadata import _STATES, _props, _store
+from app.inspect_metadata import EXECUTION_STATES, open_store, properties
 
 
 @dataclasses.dataclass
@@ -38,14 +38,14 @@ def run_outcome(metadata_path: str, run_id: str) -> RunOutcome:
     """The record of the run `run_id` (the `pipeline_run` context's name)."""
     from ml_metadata.proto import metadata_store_pb2
 
-    store = _store(metadata_path)
+    store = open_store(metadata_path)
     context = store.get_context_by_type_and_name("pipeline_run", run_id)
     if context is None:
         raise LookupError(f"no pipeline run {run_id!r} in {metadata_path}")
     executions = store.get_executions_by_context(context.id)
     types = {t.id: t.name for t in store.get_execution_types()}
-    component = {e.id: _props(e).get("component_id", types[e.type_id].split(".")[-1]) for e in executions}
-    states = {component[e.id]: _STATES.get(e.last_known_state, "?") for e in executions}
+    component = {e.id: properties(e).get("component_id", types[e.type_id].split(".")[-1]) for e in executions}
+    states = {component[e.id]: EXECUTION_STATES.get(e.last_known_state, "?") for e in executions}
     outputs: Dict[int, int] = {}  # artifact id -> producing execution id
     for ev in store.get_events_by_execution_ids(list(component)):
         if ev.type in (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT):
@@ -57,14 +57,14 @@ def run_outcome(metadata_path: str, run_id: str) -> RunOutcome:
         if artifact_types[artifact.type_id] == "ModelEvaluation":
             evaluations[outputs[artifact.id]] = artifact.uri
     for artifact in artifacts:
-        kind, props = artifact_types[artifact.type_id], _props(artifact)
+        kind, props = artifact_types[artifact.type_id], properties(artifact)
         if kind.endswith("Blessing"):
             failures = props.get("failures")
             failures = json.loads(failures) if isinstance(failures, str) and failures else []
             producer = outputs[artifact.id]
             if not failures and props.get("blessed") != 1 and producer in evaluations:
                 # The Evaluator's blessing carries no reasons: TFMA's validation result does.
-                from pipeline.inspect_metadata import read_evaluation
+                from app.inspect_metadata import read_evaluation
 
                 failures = read_evaluation(evaluations[producer])["failures"]
             blessings.append(Blessing(component[producer], kind, props.get("blessed") == 1, failures))

@@ -16,7 +16,7 @@ def _backend_default() -> None:
 
 
 def _cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    from app.demo import run_demo
 
     run_demo(preset=args.preset, steps=args.steps, batch_size=args.batch_size,
              seq_len=args.seq_len, seed=args.seed)
@@ -55,7 +55,7 @@ EXIT_PUSHED, EXIT_FAILED, EXIT_INVALID_SETTINGS, EXIT_NOT_PUSHED = 0, 1, 2, 3
 
 
 def _cmd_run(args) -> int:
-    from pipeline.console import RunConsole
+    from app.console import RunConsole
 
     with RunConsole(verbose=args.verbose) as console:
         return _run_pipeline(args, console)
@@ -69,8 +69,8 @@ def _run_pipeline(args, console) -> int:
     except (SettingsError, ValueError) as e:
         print(f"deepseek-tfx run: invalid settings: {e}", file=console.terminal_err)
         return EXIT_INVALID_SETTINGS
+    from app.run_report import run_outcome
     from pipeline.local_runner import new_run_id, run_local
-    from pipeline.run_report import run_outcome
 
     run_id = new_run_id()
     run_dir = os.path.abspath(settings.run_dir)
@@ -104,7 +104,7 @@ def _run_pipeline(args, console) -> int:
 
 
 def _report_failure(console, settings, run_id, error) -> None:
-    from pipeline.run_report import (
+    from app.run_report import (
         failure_lines,
         find_corrupt_tfrecord,
         looks_like_bad_tfrecord,
@@ -133,7 +133,7 @@ def _report_failure(console, settings, run_id, error) -> None:
 def _cmd_inspect(args) -> int:
     import json
 
-    from pipeline.inspect_metadata import collect, render, to_dot
+    from app.inspect_metadata import collect, render, to_dot
 
     path = args.metadata_path or os.path.join(args.run_dir, "metadata.sqlite")
     try:
@@ -171,7 +171,7 @@ def _cmd_generate(args) -> int:
         # Library version notices (google.api_core on Python 3.10) would
         # break the one-line answer.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        from pipeline.serving import generate_from_pushed
+        from app.serving import generate_from_pushed
 
         serving = args.serving_dir or os.path.join(args.run_dir, "serving")
         outputs, version = generate_from_pushed(
@@ -191,21 +191,24 @@ def _cmd_generate(args) -> int:
 # --------------------------------------------------------------------------- Kubeflow
 def _add_settings_args(p) -> None:
     """The PipelineSettings flags shared by `run`, `compile` and `deploy`."""
-    p.add_argument("--preset", default="mini")
+    from model.checks import PRECISIONS
+    from pipeline.settings import PipelineSettings as D  # the defaults are the settings'
+
+    p.add_argument("--preset", default=D.preset)
     p.add_argument("--model-overrides", help='JSON of config fields, e.g. \'{"num_hidden_layers": 2}\'')
-    p.add_argument("--data", default="markov", help="uniform | zipf | markov | copy | mixture")
+    p.add_argument("--data", default=D.data_kind, help="uniform | zipf | markov | copy | mixture")
     p.add_argument("--data-params", help='JSON generator parameters, e.g. \'{"order": 2}\'')
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--train-examples", type=int, default=4096)
-    p.add_argument("--eval-examples", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=D.seq_len)
+    p.add_argument("--train-examples", type=int, default=D.train_examples)
+    p.add_argument("--eval-examples", type=int, default=D.eval_examples)
     p.add_argument("--examples-dir", help="use your own TFRecords (<dir>/train/*, <dir>/eval/*)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=3e-3)
-    p.add_argument("--precision", default="auto", help="auto | float32 | bf16 | float8")
-    p.add_argument("--expert-parallel", type=int, default=1,
+    p.add_argument("--steps", type=int, default=D.train_steps)
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
+    p.add_argument("--learning-rate", type=float, default=D.learning_rate)
+    p.add_argument("--precision", default=D.precision, help=" | ".join(PRECISIONS))
+    p.add_argument("--expert-parallel", type=int, default=D.expert_parallel,
                    help="shard the routed experts over N devices (batch over the rest)")
-    p.add_argument("--gradient-accumulation", type=int, default=1,
+    p.add_argument("--gradient-accumulation", type=int, default=D.gradient_accumulation,
                    help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")
     p.add_argument("--no-cache", action="store_true", help="re-run (or compile with caching off) every component")
@@ -215,6 +218,8 @@ def _add_pipeline_settings_args(p, required: bool = True) -> None:
     """`run`'s settings flags plus the Kubeflow ones, for `compile` and
     `deploy` (where --image and --pipeline-root are needed unless --package
     is given)."""
+    from kubeflow import compile as kfp
+
     _add_settings_args(p)
     p.add_argument("--serving-dir", help="where Pusher pushes (default <pipeline-root>/serving)")
     # Kubeflow.
@@ -223,16 +228,15 @@ def _add_pipeline_settings_args(p, required: bool = True) -> None:
     p.add_argument("--trainer-image", help="image for the Trainer only (docker/Dockerfile.gpu); default --image")
     p.add_argument("--pipeline-root", required=required,
                    help="artifact root every pod reads and writes: gs://..., s3://... or a mounted path")
-    p.add_argument("--platform", choices=("kfp", "vertex"), default="kfp",
+    p.add_argument("--platform", choices=kfp.PLATFORMS, default=kfp.PLATFORMS[0],
                    help="kfp: open-source Kubeflow Pipelines (the baseline is the latest pushed model: its "
                         "backend cannot run TFX Resolvers); vertex: Vertex AI Pipelines")
-    p.add_argument("--gpu-type", help="Trainer accelerator (default nvidia.com/gpu for kfp, "
-                                      "NVIDIA_TESLA_A100 for vertex)")
-    p.add_argument("--gpu-count", type=int, default=1, help="Trainer accelerators; 0 = none")
-    p.add_argument("--cpu", default="8", help="Trainer CPU limit (e.g. 8, 500m)")
-    p.add_argument("--memory", default="32G", help="Trainer memory limit (e.g. 32G, 30Gi)")
-    p.add_argument("--beam-runner", default="DirectRunner",
-                   choices=("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner"))
+    p.add_argument("--gpu-type", help="Trainer accelerator (default " + ", ".join(
+        f"{gpu} for {platform}" for platform, gpu in kfp.DEFAULT_GPU_TYPE.items()) + ")")
+    p.add_argument("--gpu-count", type=int, default=kfp.DEFAULT_GPU_COUNT, help="Trainer accelerators; 0 = none")
+    p.add_argument("--cpu", default=kfp.DEFAULT_CPU, help="Trainer CPU limit (e.g. 8, 500m)")
+    p.add_argument("--memory", default=kfp.DEFAULT_MEMORY, help="Trainer memory limit (e.g. 32G, 30Gi)")
+    p.add_argument("--beam-runner", default=kfp.BEAM_RUNNERS[0], choices=kfp.BEAM_RUNNERS)
     p.add_argument("--beam-arg", action="append",
                    help="a Beam pipeline argument, written --beam-arg=--flag=value (repeatable)")
     p.set_defaults(run_dir="runs/default", metadata_path=None)

@@ -9,6 +9,28 @@ import time
 import numpy as np
 
 
+def _router_bias_update(model):
+    """Aux-loss-free balancing for `fit`: once per optimizer step, moves each
+    MoE router bias by the load routed during that step (counter snapshot at
+    batch begin, delta at batch end). The MoE forward never moves the bias."""
+    import keras
+
+    class RouterBiasUpdate(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.layers = [m for m in model.moe_layers() if m.config.bias_update_speed > 0]
+            self._before = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._before = [np.asarray(keras.ops.convert_to_numpy(m.expert_load)) for m in self.layers]
+
+        def on_train_batch_end(self, batch, logs=None):
+            for moe, before in zip(self.layers, self._before):
+                moe.apply_bias_update(np.asarray(keras.ops.convert_to_numpy(moe.expert_load)) - before)
+
+    return RouterBiasUpdate()
+
+
 def run_demo(preset: str = "mini", steps: int = 300, batch_size: int = 32, seq_len: int = 64,
              learning_rate: float = 3e-3, seed: int = 0, log_every: int = 25, print_fn=print) -> dict:
     import keras
@@ -16,6 +38,7 @@ def run_demo(preset: str = "mini", steps: int = 300, batch_size: int = 32, seq_l
     from data import DataSpec, optimal_loss
     from data import generate as generate_tokens
     from model import DeepSeekV3ForCausalLM, NextTokenLoss, generate, get_preset
+    from training.settings import TrainingSettings
 
     config = get_preset(preset)
     spec = DataSpec("markov", vocab_size=config.vocab_size, seq_len=seq_len, seed=seed,
@@ -26,7 +49,7 @@ def run_demo(preset: str = "mini", steps: int = 300, batch_size: int = 32, seq_l
 
     keras.utils.set_random_seed(seed)
     model = DeepSeekV3ForCausalLM(config)
-    model.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.01),
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=TrainingSettings.weight_decay),
                   loss=NextTokenLoss())
     initial = model.evaluate(held_out, held_out, batch_size=128, verbose=0)
     print_fn(f"{preset}: {model.count_params():,} parameters; markov data, "
@@ -45,10 +68,8 @@ def run_demo(preset: str = "mini", steps: int = 300, batch_size: int = 32, seq_l
 
     start = time.time()
     dataset = np.resize(train, (steps * batch_size, seq_len))
-    from components.training_loop import RouterBiasUpdate  # the MoE bias moves per step
-
     model.fit(dataset, dataset, batch_size=batch_size, epochs=1, verbose=0,
-              callbacks=[RouterBiasUpdate(model), Progress()])
+              callbacks=[_router_bias_update(model), Progress()])
     final = model.evaluate(held_out, held_out, batch_size=128, verbose=0)
     print_fn(f"eval loss {initial:.3f} -> {final:.3f} (optimal {best:.3f}) in {time.time() - start:.0f}s")
     util = model.get_expert_utilization()
