@@ -6,6 +6,11 @@ model's own declaration, `model.sharding`).
 it feeds numpy batches, checks the loss for NaN/inf every step, and hands
 each step's metrics to `training.metrics` (console lines, history) and its
 state to `training.checkpoint` (atomic, mesh-independent checkpoints).
+The host keeps out of the device's way (`training.overlap`): the next batch
+is read and put on the mesh by a thread while a step runs, step n's metrics
+are fetched (and its loss checked) after step n + 1 is queued, and a
+checkpoint is fetched in one transfer and written by a background thread
+(a checkpoint step is checked before it is saved).
 No TensorFlow is imported.
 """
 
@@ -20,11 +25,12 @@ import numpy as np
 from training.checkpoint import CheckpointMismatchError, EngineCheckpoints, relative_path
 from training.metrics import TrainingMetrics
 from training.optim import WarmupCosineSchedule, make_optimizer, warmup_cosine_lr
+from training.overlap import BatchPrefetcher
 from training.parallel import MeshError, batch_sharding, global_array, make_distribution, plan_mesh, to_host
 from training.precision import dtype_policy, resolve_precision
 from training.seed import set_seed
 from training.settings import TrainingSettings
-from training.step import build_train_step
+from training.step import build_train_step, training_mla_mode
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,9 +92,10 @@ class Engine:
                             "train_steps": s.train_steps,
                             "gradient_accumulation": s.gradient_accumulation,
                             "learning_rate": s.learning_rate, "warmup_steps": s.warmup_steps}
+        self.mla_mode = training_mla_mode(config, self.float8)
         self._step_fn = build_train_step(self.model, self.optimizer, config.bias_update_speed,
                                          s.gradient_accumulation, s.record_history,
-                                         self.distribution.device_mesh.backend_mesh)
+                                         self.distribution.device_mesh.backend_mesh, self.mla_mode)
 
     def _lay_out(self) -> None:
         """Every model and optimizer variable onto the layout the
@@ -146,7 +153,8 @@ class Engine:
                 "devices": [str(d) for d in self.devices], "num_devices": len(self.devices),
                 "processes": jax.process_count(), "mesh": self.plan.to_dict(),
                 "expert_parallel": s.expert_parallel, "gradient_accumulation": s.gradient_accumulation,
-                "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8}}
+                "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8},
+                "mla_training_mode": self.mla_mode or "naive"}
 
     def _check_tokens(self, tokens) -> None:
         s, A = self.s, self.s.gradient_accumulation
@@ -186,22 +194,45 @@ class Engine:
         metrics = TrainingMetrics(s, self.moe_names, start_step, self.log_fn)
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
         compiled = None
-        with dtype_policy(self.policy):
-            for step in range(start_step, end):
-                t0 = time.perf_counter()
-                ids = self._batch(tokens, step, sharding)
-                mask = None if padding_mask is None else self._batch(padding_mask, step, sharding)
-                if compiled is None:
-                    compiled = self._step_fn.lower(*state, ids, mask).compile()
-                    _wait_for_all_processes("deepseek_tfx_step_compiled")
-                *state, m = compiled(*state, ids, mask)
-                m = jax.device_get(m)
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise self._diverged(loss, step, checkpoints)
-                metrics.record(step, m, time.perf_counter() - t0)
+
+        def batch(step):  # in the prefetch thread, while the device runs a step
+            return (self._batch(tokens, step, sharding),
+                    None if padding_mask is None else self._batch(padding_mask, step, sharding))
+
+        def check(pending):  # the loss check, one step late: the next step is queued already
+            step, m, t0 = pending
+            m = jax.device_get(m)
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
                 if checkpoints:
-                    checkpoints.after_step(step + 1, state)
+                    checkpoints.finish()
+                raise self._diverged(loss, step, checkpoints)
+            metrics.record(step, m, time.perf_counter() - t0)
+
+        prefetch = BatchPrefetcher(batch, start_step, end)
+        pending = None  # (step, its metrics on the device, its start time)
+        try:
+            with dtype_policy(self.policy):
+                for step in range(start_step, end):
+                    t0 = time.perf_counter()
+                    ids, mask = prefetch.next(step)
+                    if compiled is None:
+                        compiled = self._step_fn.lower(*state, ids, mask).compile()
+                        _wait_for_all_processes("deepseek_tfx_step_compiled")
+                    *state, m = compiled(*state, ids, mask)
+                    if pending is not None:
+                        check(pending)
+                    pending = (step, m, t0)
+                    if checkpoints and checkpoints.due(step + 1):
+                        check(pending)  # a checkpoint holds checked steps only
+                        pending = None
+                        checkpoints.after_step(step + 1, state)
+                if pending is not None:
+                    check(pending)
+        finally:
+            prefetch.close()
+        if checkpoints:
+            checkpoints.finish()
         summary = metrics.summary(end)
         self._write_back(*state)
         return {**self.describe(), "start_step": start_step, "final_step": end,

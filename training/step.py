@@ -31,13 +31,26 @@ def next_token_ce(logits, token_ids, padding_mask=None):
     return ops.sum(ce * w) / ops.maximum(ops.sum(w), 1.0)
 
 
+def training_mla_mode(config, float8: bool):
+    """The MLA form the step trains with, chosen by measurement
+    (benchmarks/README.md "Where the step's time goes"): "absorbed" (attention
+    in the latent space, no per-head keys and values materialised: the
+    faster forward + backward on the mini and train_vs_reference shapes),
+    except under float8, whose quantized W_kvb must stay a Dense call (the
+    naive form, None)."""
+    if config.attention_type != "mla" or float8:
+        return None
+    return "absorbed"
+
+
 def build_train_step(model, optimizer, bias_update_speed: float, accumulation: int,
-                     record_history: bool, mesh):
+                     record_history: bool, mesh, mla_mode=None):
     """-> jit(step)(tv, ntv, ov, ids, mask) -> (tv, ntv, ov, metrics), the
     state donated and its output shardings those of the variables now
     (model.trainable / non_trainable variables, optimizer.variables), the
     metrics replicated: loss, ce, and per MoE layer load, dropped, bias
-    (and micro_load with record_history)."""
+    (and micro_load with record_history). `mla_mode`: the MLA form of the
+    forward pass (`training_mla_mode`; None: the model's default)."""
     import jax
     from keras import ops
 
@@ -55,7 +68,7 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
     def loss_fn(tv, ntv, ids, mask):
         inputs = ids if mask is None else {"token_ids": ids, "padding_mask": mask}
         logits, ntv, losses = model.stateless_call(tv, ntv, inputs, training=True,
-                                                   return_losses=True)
+                                                   return_losses=True, mode=mla_mode)
         ce = next_token_ce(logits, ids, mask)
         loss = ce + (sum(losses) if losses else 0.0)
         return loss, (ce, ntv)
