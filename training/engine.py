@@ -128,8 +128,10 @@ class Engine:
         return global_array(np.asarray(array[step * A:(step + 1) * A], np.int32), sharding)
 
     def step_runner(self, micro_batches: np.ndarray):
-        """-> (run, compile_seconds): `run()` takes one optimizer step on the
-        same [A, B, S] batch and returns the loss array (benchmarks)."""
+        """-> (run, compile_seconds): `run()` takes one optimizer step of the
+        engine's own step on the same [A, B, S] batch (`run(other)` on
+        another one of that shape) and returns the loss array; `run.sync()`
+        writes the state back into the model (benchmarks)."""
         sharding = batch_sharding(self.distribution, 3)
         ids = global_array(np.asarray(micro_batches, np.int32), sharding)
         state = list(self._state())
@@ -137,11 +139,14 @@ class Engine:
         compiled = self._step_fn.lower(*state, ids, None).compile()
         compile_seconds = time.perf_counter() - start
 
-        def run():
-            tv, ntv, ov, metrics = compiled(*state, ids, None)
+        def run(other=None):
+            batch = ids if other is None else global_array(np.asarray(other, np.int32), sharding)
+            with dtype_policy(self.policy):
+                tv, ntv, ov, metrics = compiled(*state, batch, None)
             state[:] = [tv, ntv, ov]
             return metrics["loss"]
 
+        run.sync = lambda: self._write_back(*state)
         return run, compile_seconds
 
     def describe(self) -> dict:
