@@ -36,7 +36,8 @@ def _settings_from_args(args):
               "expert_parallel": args.expert_parallel,
               "gradient_accumulation": args.gradient_accumulation,
               "examples_dir": args.examples_dir, "pipeline_root": args.pipeline_root,
-              "metadata_path": args.metadata_path, "serving_dir": args.serving_dir}
+              "metadata_path": args.metadata_path, "serving_dir": args.serving_dir,
+              "metadata_mysql": getattr(args, "metadata_mysql", None)}
     if args.data_params is not None:
         values["data_params"] = json.loads(args.data_params)
     elif args.data != "markov":
@@ -71,7 +72,14 @@ def _run_pipeline(args, console) -> int:
         return EXIT_INVALID_SETTINGS
     from app.run_report import run_outcome
     from pipeline.local_runner import new_run_id, run_local
+    from pipeline.metadata_store import MetadataStoreError, target_of
 
+    metadata = target_of(settings)
+    try:
+        metadata.check()  # a wrong password or an unreachable server: one line, nothing run
+    except MetadataStoreError as e:
+        print(f"deepseek-tfx run: {e}", file=console.terminal_err)
+        return EXIT_FAILED
     run_id = new_run_id()
     run_dir = os.path.abspath(settings.run_dir)
     log = console.attach(os.path.join(run_dir, "logs", f"run-{run_id.replace(':', '')}.log"))
@@ -82,11 +90,18 @@ def _run_pipeline(args, console) -> int:
         run_local(settings, run_id=run_id)
     except Exception as e:  # any component's failure: a short account here, the traceback in the log
         console.log_exception(e)
-        _report_failure(console, settings, run_id, e)
+        component = _report_failure(console, settings, run_id, e)
+        from app.run_report import failure_lines
+
+        _run_page(console, settings, run_id, {"component": component, "lines": failure_lines(e)})
         return EXIT_FAILED
-    outcome = run_outcome(settings.path("metadata"), run_id)
+    outcome = run_outcome(metadata, run_id)
     console.say()
-    if outcome.pushed is not None:
+    if outcome.pushed is not None and outcome.pushed.get("already_pushed") == 1:
+        console.say(f"Model unchanged: already served as version {outcome.pushed.get('pushed_version')} "
+                    f"in {settings.path('serving')}; nothing new pushed")
+        code = EXIT_PUSHED
+    elif outcome.pushed is not None:
         version = outcome.pushed.get("pushed_version")
         console.say(f"Model blessed and pushed to {settings.path('serving')}"
                     + (f" (version {version})" if version else ""))
@@ -100,10 +115,27 @@ def _run_pipeline(args, console) -> int:
                 console.say(f"    - {failure}")
         code = EXIT_NOT_PUSHED
     console.say(f"Inspect the run: deepseek-tfx inspect --run-dir {settings.run_dir}")
+    _run_page(console, settings, run_id)
     return code
 
 
-def _report_failure(console, settings, run_id, error) -> None:
+def _run_page(console, settings, run_id, failure=None) -> None:
+    """The run's HTML report (report.page); a report that cannot be written
+    is said in one line and changes no exit status."""
+    from report.page import default_path, write_report
+
+    try:
+        path = write_report(settings.path("metadata"), default_path(os.path.abspath(settings.run_dir), run_id),
+                            run_id=run_id, failure=failure)
+    except Exception as e:  # noqa: BLE001
+        console.log_exception(e)
+        console.say(f"deepseek-tfx: could not write the run report: {type(e).__name__}: {e}")
+        return
+    console.say(f"Report: {path}")
+
+
+def _report_failure(console, settings, run_id, error):
+    """Says why the run failed; -> the failed component (None when unknown)."""
     from app.run_report import (
         failure_lines,
         find_corrupt_tfrecord,
@@ -115,7 +147,9 @@ def _report_failure(console, settings, run_id, error) -> None:
     component = console.events.running if console.events else None
     if component is None:
         try:
-            failed = run_outcome(settings.path("metadata"), run_id).failed
+            from pipeline.metadata_store import target_of
+
+            failed = run_outcome(target_of(settings), run_id).failed
             component = failed[0] if failed else None
         except Exception:  # no record of the run (it failed before any component)
             component = None
@@ -128,17 +162,18 @@ def _report_failure(console, settings, run_id, error) -> None:
         if corrupt:
             console.say(f"  corrupt TFRecord file: {corrupt}", error=True)
     console.say(f"The traceback and all other output are in {console.log_path}", error=True)
+    return component
 
 
 def _cmd_inspect(args) -> int:
     import json
 
     from app.inspect_metadata import collect, render, to_dot
+    from pipeline.metadata_store import MetadataStoreError
 
-    path = args.metadata_path or os.path.join(args.run_dir, "metadata.sqlite")
     try:
-        info = collect(path)
-    except FileNotFoundError as e:
+        info = collect(_metadata_target(args))
+    except (FileNotFoundError, MetadataStoreError, ValueError) as e:
         print(f"deepseek-tfx inspect: {e}", file=sys.stderr)
         return 2
     if args.dot:
@@ -148,6 +183,34 @@ def _cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         render(info)
+    return 0
+
+
+def _metadata_target(args):
+    """The store `inspect` and `generate` read: --metadata-mysql, else the
+    SQLite file (--metadata-path, else <run-dir>/metadata.sqlite)."""
+    from pipeline.metadata_store import MetadataTarget
+
+    return MetadataTarget.of(getattr(args, "metadata_path", None)
+                             or os.path.join(args.run_dir, "metadata.sqlite"), args.metadata_mysql)
+
+
+def _cmd_report(args) -> int:
+    from report.gather import ReportError
+    from report.page import default_path, write_report
+
+    path = args.metadata_path or os.path.join(args.run_dir, "metadata.sqlite")
+    try:
+        if args.run_id is None:
+            from report.gather import latest_run_id
+
+            args.run_id = latest_run_id(path) if os.path.exists(path) else None
+        out = args.out or default_path(args.run_dir, args.run_id or "latest")
+        written = write_report(path, out, run_id=args.run_id)
+    except (ReportError, OSError) as e:
+        print(f"deepseek-tfx report: {e}", file=sys.stderr)
+        return 2
+    print(written)
     return 0
 
 
@@ -163,6 +226,8 @@ def _parse_prompt(text: str, index: int):
 
 
 def _cmd_generate(args) -> int:
+    from pipeline.metadata_store import MetadataStoreError
+
     # Every refusal is one line on stderr and exit code 2, never a traceback.
     try:
         prompts = [_parse_prompt(p, i) for i, p in enumerate(args.prompt)]
@@ -171,13 +236,16 @@ def _cmd_generate(args) -> int:
         # Library version notices (google.api_core on Python 3.10) would
         # break the one-line answer.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        from app.serving import generate_from_pushed
+        from app.serving import generate_from_pushed, pushed_from_metadata
 
         serving = args.serving_dir or os.path.join(args.run_dir, "serving")
+        # With a shared store the model is the newest one it records as pushed.
+        version_dir = pushed_from_metadata(_metadata_target(args)) if args.metadata_mysql else None
         outputs, version = generate_from_pushed(
             serving, prompts, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-            top_p=args.top_p, eos_id=-1 if args.eos_id is None else args.eos_id)
-    except (FileNotFoundError, ValueError) as e:
+            top_p=args.top_p, eos_id=-1 if args.eos_id is None else args.eos_id,
+            version_dir=version_dir)
+    except (FileNotFoundError, ValueError, MetadataStoreError) as e:
         message = " ".join(str(e).split())
         prefix = "" if message.startswith("generate: ") else "generate: "
         print(f"deepseek-tfx {prefix}{message}", file=sys.stderr)
@@ -309,6 +377,12 @@ def _cmd_deploy(args) -> int:
     return 0
 
 
+def _add_mysql_arg(p) -> None:
+    p.add_argument("--metadata-mysql", metavar="mysql://USER@HOST:PORT/DB",
+                   help="ML Metadata in this MySQL/MariaDB database instead of SQLite (created on first "
+                        "use; password from $DEEPSEEK_TFX_MYSQL_PASSWORD; ?unix_socket=PATH for a socket)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepseek-tfx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -330,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--beam-arg", action="append", help="a Beam pipeline argument (repeatable)")
     run.add_argument("--pipeline-root")
     run.add_argument("--metadata-path")
+    _add_mysql_arg(run)
     run.add_argument("--serving-dir")
     run.add_argument("--verbose", action="store_true",
                      help="show third-party output (warnings, TFX/absl logging, TensorFlow's C++ lines) on "
@@ -339,13 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show a run's ML Metadata record")
     inspect.add_argument("--run-dir", default="runs/default")
     inspect.add_argument("--metadata-path")
+    _add_mysql_arg(inspect)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--dot", help="also write the lineage graph as Graphviz to this file")
     inspect.set_defaults(func=_cmd_inspect)
 
+    rep = sub.add_parser("report", help="write a run's report: one self-contained HTML page")
+    rep.add_argument("--run-dir", default="runs/default")
+    rep.add_argument("--metadata-path")
+    rep.add_argument("--run-id", help="the pipeline run (default: the newest in the store)")
+    rep.add_argument("--out", help="the HTML file (default <run-dir>/reports/run-<id>.html)")
+    rep.set_defaults(func=_cmd_report)
+
     gen = sub.add_parser("generate", help="sample from the latest pushed SavedModel")
     gen.add_argument("--run-dir", default="runs/default")
     gen.add_argument("--serving-dir")
+    _add_mysql_arg(gen)
     gen.add_argument("--prompt", action="append", required=True,
                      help="comma-separated token ids (repeat for a batch)")
     gen.add_argument("--max-new-tokens", type=int, default=16)

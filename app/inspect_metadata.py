@@ -6,21 +6,15 @@ and the lineage from the pushed model back to its examples."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, List
 
 
-def open_store(metadata_path: str):
-    """The run's ML Metadata store, read-only."""
-    from ml_metadata import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
+def open_store(metadata):
+    """The run's ML Metadata store, read-only: `metadata` is an SQLite path
+    or a pipeline.metadata_store.MetadataTarget (SQLite or MySQL)."""
+    from pipeline.metadata_store import as_target
 
-    if not os.path.exists(metadata_path):
-        raise FileNotFoundError(f"no ML Metadata store at {metadata_path} (has the pipeline run?)")
-    config = metadata_store_pb2.ConnectionConfig()
-    config.sqlite.filename_uri = metadata_path
-    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
-    return metadata_store.MetadataStore(config)
+    return as_target(metadata).open(readonly=True)
 
 
 def _value(v) -> Any:
@@ -43,10 +37,14 @@ def properties(node) -> Dict[str, Any]:
 EXECUTION_STATES = {0: "UNKNOWN", 1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
 
 
-def collect(metadata_path: str) -> Dict[str, Any]:
+def collect(metadata) -> Dict[str, Any]:
+    """Everything in the store (an SQLite path or a MetadataTarget)."""
     from ml_metadata.proto import metadata_store_pb2
 
-    store = open_store(metadata_path)
+    from pipeline.metadata_store import as_target
+
+    store = open_store(metadata)
+    metadata_path = as_target(metadata).describe()
     artifact_types = {t.id: t.name for t in store.get_artifact_types()}
     execution_types = {t.id: t.name for t in store.get_execution_types()}
     context_types = {t.id: t.name for t in store.get_context_types()}

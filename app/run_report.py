@@ -34,14 +34,17 @@ class RunOutcome:
         return [c for c, s in self.states.items() if s == "FAILED"]
 
 
-def run_outcome(metadata_path: str, run_id: str) -> RunOutcome:
-    """The record of the run `run_id` (the `pipeline_run` context's name)."""
+def run_outcome(metadata, run_id: str) -> RunOutcome:
+    """The record of the run `run_id` (the `pipeline_run` context's name) in
+    `metadata` (an SQLite path or a pipeline.metadata_store.MetadataTarget)."""
     from ml_metadata.proto import metadata_store_pb2
 
-    store = open_store(metadata_path)
+    from pipeline.metadata_store import as_target
+
+    store = open_store(metadata)
     context = store.get_context_by_type_and_name("pipeline_run", run_id)
     if context is None:
-        raise LookupError(f"no pipeline run {run_id!r} in {metadata_path}")
+        raise LookupError(f"no pipeline run {run_id!r} in {as_target(metadata).describe()}")
     executions = store.get_executions_by_context(context.id)
     types = {t.id: t.name for t in store.get_execution_types()}
     component = {e.id: properties(e).get("component_id", types[e.type_id].split(".")[-1]) for e in executions}

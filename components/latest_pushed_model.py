@@ -22,19 +22,12 @@ SERVING_FORMAT_DIR = "Format-Serving"
 
 
 def latest_pushed_version(serving_dir: str):
-    """(version, path) of the newest pushed SavedModel under `serving_dir`,
-    or None when nothing has been pushed there."""
-    from tfx.dsl.io import fileio
+    """(version, path) of the newest completely pushed SavedModel under
+    `serving_dir` (a half-copied version is passed over), or None when
+    nothing has been pushed there."""
+    from components.serving_versions import latest_complete
 
-    if not serving_dir or not fileio.isdir(serving_dir):
-        return None
-    versions = []
-    for name in fileio.listdir(serving_dir):
-        name = name.rstrip("/")
-        path = os.path.join(serving_dir, name)
-        if name.isdigit() and fileio.exists(os.path.join(path, "saved_model.pb")):
-            versions.append((int(name), path))
-    return max(versions) if versions else None
+    return latest_complete(serving_dir)
 
 
 @component

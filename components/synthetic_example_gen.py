@@ -21,7 +21,7 @@ train size. Sequence ``i`` of a spec is a pure function of ``(spec, i)`` (see
 * train = sequences ``[0, train_examples)``
 * eval  = sequences ``[eval_start_index, eval_start_index + eval_examples)``
 
-``eval_start_index`` defaults to ``2**40`` (block aligned), so eval is held out
+``eval_start_index`` defaults to ``2**30`` (block aligned), so eval is held out
 (disjoint from train) for any practical ``train_examples`` and stays the same
 eval set when train grows. Construction rejects overlapping ranges.
 
@@ -89,12 +89,14 @@ TRAIN_SPLIT = "train"
 EVAL_SPLIT = "eval"
 SPLIT_NAMES = (TRAIN_SPLIT, EVAL_SPLIT)
 
-#: First sequence index of the eval split unless given (a multiple of BLOCK_SIZE).
-DEFAULT_EVAL_START_INDEX = 2**40
+#: First sequence index of the eval split unless given (a multiple of BLOCK_SIZE;
+#: within ML Metadata's 32-bit int properties on MySQL, see _MAX_INDEX).
+DEFAULT_EVAL_START_INDEX = 2**30
 #: Upper limit on shards per split when ``num_shards`` is 0 (auto).
 MAX_AUTO_SHARDS = 1000
-#: Largest sequence index + 1 (indices are stored as MLMD int64 properties).
-_MAX_INDEX = 2**62
+#: Largest sequence index + 1: indices are MLMD int properties, which are
+#: 64-bit in SQLite but 32-bit (INT) in MLMD's MySQL schema.
+_MAX_INDEX = 2**31 - 1
 #: File name prefix of the TFRecord shards (the one TFX's ExampleGen uses).
 FILE_PREFIX = "data_tfrecord"
 FILE_SUFFIX = ".gz"
@@ -336,7 +338,7 @@ class SyntheticTokenExampleGen(base_beam_component.BaseBeamComponent):
       generator_params: the kind's parameters, as a dict or a JSON object
         string, e.g. ``{"order": 2, "temperature": 0.5}`` for markov or
         ``{"components": [{"kind": "zipf"}, {"kind": "copy"}], "weights": [3, 1]}``.
-      eval_start_index: first sequence index of eval (default ``2**40``);
+      eval_start_index: first sequence index of eval (default ``2**30``);
         must be >= ``train_examples``.
       num_shards: shards (Beam work items) per split; 0 = auto.
 

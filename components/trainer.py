@@ -19,12 +19,14 @@ What it does, in order:
    nothing of the size of the run is written to disk). A resumed run reads
    and discards the batches of its done steps, so it sees the same batches
    at the same steps. Its progress, checkpoint and balance lines are
-   forwarded to `log_fn`. The engine trains on every device JAX sees (data
-   parallel, or `expert_parallel`), resumes from `training.checkpoint_dir`,
-   and writes the trained weights.
+   forwarded to `log_fn`; its metrics records become TensorBoard events in
+   `fn_args.model_run_dir` as they come (`components.tensorboard_events`).
+   The engine trains on every device JAX sees (data parallel, or
+   `expert_parallel`), resumes from `training.checkpoint_dir`, and writes
+   the trained weights.
 4. Loads the weights into a float32 TF-backend model, evaluates it on
-   `fn_args.eval_files` (`model.evaluation`), writes TensorBoard scalars to
-   `fn_args.model_run_dir`, and exports under the model artifact uri:
+   `fn_args.eval_files` (`model.evaluation`), adds the eval metrics to the
+   TensorBoard events, and exports under the model artifact uri:
    `keras/model.keras`, `training_summary.json`, and the SavedModel
    (`serving_default`, `generate`; `components.export`) in serving_model_dir.
 """
@@ -34,13 +36,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable
 
 import numpy as np
 
+from components.tensorboard_events import METRICS_FILE, TrainingEvents
 from components.trainer_config import TrainerConfigError, custom_config, parse_fn_args  # noqa: F401
-from components.trainer_input import read_batches, stream_batches
+from components.trainer_input import TokenDataError, data_identity, read_batches, stream_batches  # noqa: F401
 from training.worker import json_safe
 
 SUMMARY_FILE = "training_summary.json"
@@ -48,8 +53,10 @@ KERAS_MODEL_PATH = os.path.join("keras", "model.keras")
 
 
 def model_artifact_uri(serving_model_dir: str) -> str:
-    """TFX's serving_model_dir is `<model uri>/Format-Serving`."""
-    return os.path.dirname(os.path.normpath(serving_model_dir))
+    """TFX's serving_model_dir is `<model uri>/Format-Serving`. Not
+    os.path.normpath: it folds a URI's `//` (ram://b/x -> ram:/b/x, a local
+    path to tf.io.gfile and Keras)."""
+    return serving_model_dir.rstrip("/").rsplit("/", 1)[0]
 
 
 # --------------------------------------------------------------- weights
@@ -76,24 +83,11 @@ def load_trained_model(config, weights_path: str):
     return model
 
 
-def _write_tensorboard(log_dir: str, history) -> None:
-    import tensorflow as tf
-
-    writer = tf.summary.create_file_writer(log_dir)
-    with writer.as_default():
-        for h in history:
-            step = h["step"]
-            for key in ("loss", "next_token_loss", "perplexity", "learning_rate",
-                        "tokens_per_second"):
-                if h.get(key) is not None:
-                    tf.summary.scalar(f"train/{key}", h[key], step=step)
-            for layer, s in (h.get("experts") or {}).items():
-                for key in ("load_max_min_ratio", "load_cv", "dropped_fraction", "bias_mean",
-                            "bias_spread"):
-                    if s.get(key) is not None:
-                        tf.summary.scalar(f"moe/{layer}/{key}", s[key], step=step)
-    writer.flush()
-    writer.close()
+def _close_quietly(events) -> None:
+    try:
+        events.close()
+    except RuntimeError:
+        pass
 
 
 # ----------------------------------------------------------------- run_fn
@@ -105,6 +99,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     import tensorflow as tf
 
     from components import export
+    from components.checkpoint_mirror import CheckpointMirror, is_remote
     from model.evaluation import eval_metrics
     from training import launch
     from training.metrics import expert_summary
@@ -112,8 +107,23 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     t = settings.training
     config, train_steps = settings.model_config, t.train_steps
     started = time.perf_counter()
-    workdir = os.path.join(fn_args.model_run_dir, "engine")
+    # The engine (no TensorFlow, so no tf.io.gfile) reads and writes local
+    # files only: with a remote model_run_dir its work directory is a local
+    # temporary one, and a remote checkpoint URI is mirrored
+    # (components.checkpoint_mirror).
+    remote_run_dir = is_remote(fn_args.model_run_dir)
+    # Absolute: the child runs in another working directory.
+    workdir = (tempfile.mkdtemp(prefix="deepseek-tfx-engine-") if remote_run_dir
+               else os.path.abspath(os.path.join(fn_args.model_run_dir, "engine")))
     os.makedirs(workdir, exist_ok=True)
+    mirror = None
+    engine_checkpoints = t.checkpoint_dir and os.path.abspath(t.checkpoint_dir)
+    if is_remote(t.checkpoint_dir):
+        engine_checkpoints = os.path.join(workdir, "checkpoints")
+        mirror = CheckpointMirror(t.checkpoint_dir, engine_checkpoints)
+        fetched = mirror.fetch_latest()
+        if fetched is not None:
+            log_fn(f"trainer: fetched checkpoint step {fetched} from {t.checkpoint_dir}")
     micro_batches = train_steps * t.gradient_accumulation
     train_batches = stream_batches(fn_args, settings, fn_args.train_files, micro_batches)
     eval_tokens = None
@@ -127,18 +137,39 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
 
     spec = {
         "model_config": config.to_dict(),
-        "engine": t.to_dict(),
+        # The engine checkpoints locally (mirrored when the URI is remote).
+        "engine": t.replace(checkpoint_dir=engine_checkpoints).to_dict(),
+        "data_identity": data_identity(fn_args.train_files),
         "tokens": "stdin",  # the batches of train_batches, in order
         "output_dir": os.path.join(workdir, "out"),
     }
+
+    def engine_line(line: str) -> None:
+        if mirror is not None:
+            mirror.on_line(line)  # each checkpoint to the URI as soon as it is in place
+        log_fn(line)
+
+    events = TrainingEvents(fn_args.model_run_dir, log_fn)
     try:
-        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=log_fn,
-                                   batches=train_batches)
+        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=engine_line,
+                                   batches=train_batches, stall_timeout_s=t.engine_stall_timeout_s,
+                                   metrics_fn=events)
     except launch.TrainingDivergedError as e:
+        _close_quietly(events)
         raise RuntimeError(str(e)) from None
+    except launch.EngineFailed as e:
+        _close_quietly(events)  # the points so far stay readable; the engine's error is the news
+        if not remote_run_dir:
+            raise
+        # The local work directory does not outlive the pod: the log goes with the run.
+        log_uri = _copy_engine_log(workdir, fn_args.model_run_dir)
+        raise launch.EngineFailed(str(e).replace(os.path.join(workdir, "engine.log"), log_uri)) from None
+    except BaseException:
+        _close_quietly(events)
+        raise
     if engine["final_step"] != train_steps:
+        _close_quietly(events)
         raise RuntimeError(f"training ended at step {engine['final_step']}, expected {train_steps}")
-    _write_tensorboard(fn_args.model_run_dir, engine["loss_history"])
 
     inference = load_trained_model(config, os.path.join(spec["output_dir"], "weights.npz"))
     artifact = model_artifact_uri(fn_args.serving_model_dir)
@@ -151,6 +182,8 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
                                                  np.asarray(stats["bias"]))
         log_fn(f"eval loss {evaluation['eval_loss']:.4f} (ppl {evaluation['eval_perplexity']:.2f})"
                f" over {evaluation['eval_batches']} batches")
+        events.write_eval(engine["final_step"], evaluation, eval_experts)
+    events.close()
     keras_path = export.save_keras_model(inference, os.path.join(artifact, KERAS_MODEL_PATH))
     export.export_saved_model(inference, settings.seq_len, fn_args.serving_model_dir)
 
@@ -180,6 +213,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "final_train_perplexity": last.get("perplexity"),
         "tokens_trained": engine["tokens_trained"],
         "train_seconds": engine["train_seconds"],
+        "train_finished_at": engine["train_finished_at"],
         "tokens_per_second": engine["tokens_per_second"],
         "steady_tokens_per_second": engine["steady_tokens_per_second"],
         "first_step_seconds": engine["first_step_seconds"],
@@ -190,12 +224,28 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "expert_utilization_eval": eval_experts,
         **evaluation,
         "checkpoint_dir": t.checkpoint_dir,
-        "checkpoint_steps": engine["checkpoint_steps"],
+        "checkpoint_steps": mirror.remote_steps() if mirror else engine["checkpoint_steps"],
+        "checkpoint_mirror_seconds": mirror.seconds if mirror else None,
         "keras_model": keras_path,
         "serving_model_dir": fn_args.serving_model_dir,
         "tensorboard_dir": fn_args.model_run_dir,
+        "metrics_file": os.path.join(fn_args.model_run_dir, METRICS_FILE),
     }
     tf.io.gfile.makedirs(artifact)
     with tf.io.gfile.GFile(os.path.join(artifact, SUMMARY_FILE), "w") as f:
         f.write(json.dumps(json_safe(summary), indent=2))
+    if remote_run_dir:
+        _copy_engine_log(workdir, fn_args.model_run_dir)
+        shutil.rmtree(workdir, ignore_errors=True)
     return summary
+
+
+def _copy_engine_log(workdir: str, model_run_dir: str) -> str:
+    import tensorflow as tf
+
+    target = os.path.join(model_run_dir, "engine", "engine.log")
+    source = os.path.join(workdir, "engine.log")
+    if os.path.exists(source):
+        tf.io.gfile.makedirs(os.path.dirname(target))
+        tf.io.gfile.copy(source, target, overwrite=True)
+    return target

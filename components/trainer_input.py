@@ -15,6 +15,27 @@ from components.trainer_config import TrainerSettings
 FEATURE = "input_ids"
 
 
+class TokenDataError(ValueError):
+    """The Examples hold something the model cannot read as token ids
+    (out of the vocabulary, negative); names the split."""
+
+
+def _split_name(what: str) -> str:
+    return {"train_files": "train", "eval_files": "eval"}.get(what, what)
+
+
+def check_token_ids(batch: np.ndarray, vocab_size: int, what: str, index: int) -> None:
+    """Ids outside [0, vocab) would index past the embedding (a negative one
+    silently wraps): a data error here, not a divergence in the engine."""
+    low, high = int(batch.min()), int(batch.max())
+    if low < 0 or high >= vocab_size:
+        bad = batch[(batch < 0) | (batch >= vocab_size)]
+        raise TokenDataError(
+            f"{_split_name(what)} split: batch {index} holds {bad.size} token id(s) outside the "
+            f"model's vocabulary [0, {vocab_size}) (min {low}, max {high}); the records' "
+            f"{FEATURE} must be token ids of a vocabulary of {vocab_size}")
+
+
 def resolve_file_patterns(files, what: str = "train_files") -> List[str]:
     """TFX gives a list of patterns (`<uri>/Split-train/*`); a directory is
     expanded to `<dir>/*`. Raises if nothing matches."""
@@ -48,7 +69,6 @@ def _schema(fn_args, settings: TrainerSettings):
 def _dataset(fn_args, settings: TrainerSettings, files, shuffle: bool, what: str):
     """(tf.data of [B, S] token batches, file patterns): seeded-shuffle and
     endless when shuffle, else one pass with a short last batch."""
-    import tensorflow as tf
     from tfx_bsl.public import tfxio
 
     accessor = getattr(fn_args, "data_accessor", None)
@@ -61,7 +81,7 @@ def _dataset(fn_args, settings: TrainerSettings, files, shuffle: bool, what: str
         batch_size=t.batch_size, shuffle=shuffle, shuffle_seed=t.seed if shuffle else None,
         num_epochs=None if shuffle else 1, drop_final_batch=shuffle)
     dataset = accessor.tf_dataset_factory(patterns, options, _schema(fn_args, settings))
-    dataset = dataset.map(lambda f: tf.cast(f[FEATURE], tf.int32))
+    dataset = dataset.map(lambda f: f[FEATURE])  # int64: checked against the vocab, then cast
     return dataset, patterns
 
 
@@ -72,7 +92,12 @@ def read_batches(fn_args, settings: TrainerSettings, files, batches: Optional[in
     dataset, patterns = _dataset(fn_args, settings, files, False, what)
     if batches:
         dataset = dataset.take(batches)
-    arrays = [np.asarray(b, np.int32) for b in dataset.as_numpy_iterator()]
+    vocab = settings.model_config.vocab_size
+    arrays = []
+    for index, batch in enumerate(dataset.as_numpy_iterator()):
+        batch = np.asarray(batch)
+        check_token_ids(batch, vocab, what, index)
+        arrays.append(batch.astype(np.int32))
     if not arrays:
         raise ValueError(f"fn_args.{what}: {list(patterns)!r} has no examples")
     return np.concatenate(arrays)
@@ -88,12 +113,15 @@ def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
     iterator = dataset.take(batches).as_numpy_iterator()
     expected = (settings.training.batch_size, settings.seq_len)
 
+    vocab = settings.model_config.vocab_size
+
     def checked(batch, index):
-        batch = np.ascontiguousarray(batch, np.int32)
+        batch = np.asarray(batch)
         if batch.shape != expected:
             raise ValueError(f"fn_args.{what}: batch {index} has shape {batch.shape}, "
                              f"expected {expected} (batch_size, seq_len)")
-        return batch
+        check_token_ids(batch, vocab, what, index)  # before the int32 cast can wrap int64 ids
+        return np.ascontiguousarray(batch, np.int32)
 
     first = next(iterator, None)
     if first is None:
@@ -110,3 +138,22 @@ def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
             raise ValueError(f"fn_args.{what}: got {n} batches, need {batches}")
 
     return rest()
+
+
+def data_identity(files, what: str = "train_files") -> str:
+    """A short hash of the training data as the engine will see it: each
+    file's split-relative name, size and first MiB (content, not the
+    artifact URI, so a re-materialised identical split keeps it). Part of
+    the checkpoint fingerprint: changed data never resumes old checkpoints."""
+    import hashlib
+
+    import tensorflow as tf
+
+    digest = hashlib.sha256()
+    paths = sorted({p for pattern in resolve_file_patterns(files, what) for p in tf.io.gfile.glob(pattern)})
+    for path in paths:
+        name = "/".join(path.rstrip("/").split("/")[-2:])
+        digest.update(f"{name}:{tf.io.gfile.stat(path).length}\n".encode())
+        with tf.io.gfile.GFile(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]

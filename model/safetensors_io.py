@@ -62,12 +62,68 @@ def _decode(raw: bytes, dtype: str, shape) -> np.ndarray:
     raise ValueError(f"safetensors: unsupported dtype {dtype!r}")
 
 
+#: The format's own bound on the JSON header (safetensors rejects larger):
+#: a corrupt or hostile size field must not make us read gigabytes.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_ITEM_BYTES = {**{k: np.dtype(v).itemsize for k, v in _PLAIN.items()}, "BF16": 2,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class SafetensorsError(ValueError):
+    """A .safetensors file that does not follow the format; names the file."""
+
+
 def read_header(path: str) -> Tuple[dict, int]:
+    """({name: info}, offset of the data section). The header size is
+    bounded and every tensor's offsets are checked against its dtype, shape
+    and the file's size before anything is read."""
+    import os
+
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+        head = f.read(8)
+        if len(head) < 8:
+            raise SafetensorsError(f"{path}: {file_size} bytes, too short for a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > MAX_HEADER_BYTES or 8 + size > file_size:
+            raise SafetensorsError(f"{path}: header size {size} exceeds "
+                                   f"{'the file' if size <= MAX_HEADER_BYTES else MAX_HEADER_BYTES} "
+                                   f"({file_size} bytes)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SafetensorsError(f"{path}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
+    _check_offsets(path, header, file_size - 8 - size)
     return header, 8 + size
+
+
+def _check_offsets(path: str, header: dict, data_size: int) -> None:
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (all(isinstance(v, int) and v >= 0 for v in (start, end, *shape))
+                  and isinstance(shape, list))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry {info!r}")
+        if dtype not in _ITEM_BYTES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        want = int(np.prod(shape, dtype=np.int64)) * _ITEM_BYTES[dtype]
+        if not start <= end <= data_size or end - start != want:
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} data_offsets [{start}, {end}] do not hold {dtype} "
+                f"{tuple(shape)} ({want} bytes) inside the {data_size}-byte data section")
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise SafetensorsError(f"{path}: tensors {first!r} and {second!r} overlap")
 
 
 def iter_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:

@@ -1,5 +1,5 @@
-"""Runs the pipeline on LocalDagRunner with ML Metadata in SQLite, every
-path under one run directory."""
+"""Runs the pipeline on LocalDagRunner with ML Metadata in SQLite (or the
+MySQL database of `--metadata-mysql`), every path under one run directory."""
 
 from __future__ import annotations
 
@@ -24,8 +24,13 @@ def run_local(settings: PipelineSettings, run_id: Optional[str] = None) -> str:
     from tfx.dsl.compiler import compiler, constants
     from tfx.orchestration.portable import runtime_parameter_utils
 
+    from pipeline.metadata_store import redact_passwords_in_logs, target_of
+
     os.makedirs(settings.run_dir, exist_ok=True)
-    metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(settings.path("metadata"))
+    target = target_of(settings)
+    target.check()  # an unreachable or refusing store fails here, in one line
+    metadata = target.connection_config()
+    redact_passwords_in_logs()  # TFX logs the connection config, password included
     pipeline = create_pipeline(settings, metadata_connection_config=metadata)
     ir = compiler.Compiler().compile(pipeline)
     # Bound here so the caller can find this run's record; LocalDagRunner

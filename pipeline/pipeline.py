@@ -16,6 +16,7 @@ import json
 from typing import List, Optional
 
 from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
 from components.curated_schema import CuratedSchemaGen
@@ -23,6 +24,7 @@ from components.data_validation import DataValidationGate
 from components.evaluation import eval_config
 from components.integration_validator import IntegrationValidator
 from components.latest_pushed_model import LatestPushedModel
+from components.pusher import Executor as PusherExecutor
 from components.synthetic_example_gen import SyntheticTokenExampleGen
 from pipeline.settings import PipelineSettings
 
@@ -113,7 +115,9 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
         examples=example_gen.outputs["examples"],
         thresholds_json=json.dumps(s.thresholds, sort_keys=True))
 
+    # TFX's Pusher, but an unchanged model already served is not pushed again.
     pusher = tfx.components.Pusher(
+        custom_executor_spec=executor_spec.ExecutorClassSpec(PusherExecutor),
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         infra_blessing=checks.outputs["blessing"],

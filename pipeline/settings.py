@@ -61,6 +61,10 @@ class PipelineSettings:
     # Paths (default: under run_dir).
     pipeline_root: Optional[str] = None
     metadata_path: Optional[str] = None
+    engine_stall_timeout_s: Optional[float] = None  # kill a silent engine child as hung
+    # ML Metadata on MySQL/MariaDB instead of the SQLite file
+    # (pipeline.metadata_store: mysql://USER@HOST:PORT/DB[?unix_socket=PATH]).
+    metadata_mysql: Optional[str] = None
     serving_dir: Optional[str] = None
     # Where the Trainer's checkpoints go (default <run_dir>/checkpoints); one
     # subdirectory per training fingerprint.
@@ -80,6 +84,13 @@ class PipelineSettings:
             # A remote URI (gs://, s3://, ...) is checked where it is read: the
             # compiling machine may have no credentials for the bucket.
             raise SettingsError(f"examples_dir: {self.examples_dir!r} is not a directory")
+        if self.metadata_mysql is not None:
+            from pipeline.metadata_store import MySQLAddress
+
+            try:
+                MySQLAddress.parse(self.metadata_mysql)
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
         try:
             training.check_model(self.model_config)  # (model_config validates the preset and overrides)
         except TrainingSettingsError as e:

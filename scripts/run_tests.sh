@@ -6,8 +6,12 @@
 # backend, which runs the model tests a second time on TF and Keras 3.12.
 # Extra arguments go to both pytest runs; a run whose selection is empty
 # (pytest's exit 5, e.g. `-k trainer` in the engine run) is not a failure.
+# What the tests need outside the venvs (headless chromium) is installed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The ML Metadata on MySQL tests start a throwaway MariaDB from these binaries.
+scripts/ensure_mariadb.sh
+scripts/install_test_deps.sh  # chromium, for the run report's browser test
 echo "== ruff check"
 .venv/bin/ruff check .
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONHASHSEED=0

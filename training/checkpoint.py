@@ -5,9 +5,15 @@ variables (step counter, moments) keyed by position, and the step.
 One `.npz` per checkpoint holding full (gathered) arrays, so a checkpoint is
 independent of the mesh it was written on: restoring lays each array out
 with the sharding of the variable it goes into (1 device -> 8, DP -> EP).
-Written atomically (temporary file, fsync, rename) by process 0; the last
-`keep` are kept. A `trainer_state.json` fingerprint refuses resuming a
-different training setup.
+Every checkpoint stores the fingerprint of its training setup (data
+identity, optimizer, precision, base model, ...): resuming compares the
+checkpoint's own fingerprint, so a run killed during its first save cannot
+leave a directory whose fingerprint is another setup's.
+Written atomically (temporary file, fsync, rename, fsync of the directory)
+by process 0; a failed write removes its temporary file (a disk-full retry
+starts clean); with several processes every one waits at a barrier until
+the file is in place, not in the next collective (gloo gives up after
+30 s). The last `keep` are kept (`trainer_state.json` shows the newest one's setup).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 STATE_FILE = "trainer_state.json"
+FINGERPRINT_KEY = "__fingerprint__"
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
 
 
@@ -33,11 +40,14 @@ def relative_path(variable) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, fingerprint: dict, keep: int = 2, is_writer: bool = True):
+    def __init__(self, directory: str, fingerprint: dict, keep: int = 2, is_writer: bool = True,
+                 barrier: Optional[Callable[[str], None]] = None):
         self.directory = directory
         self.fingerprint = fingerprint
         self.keep = keep
         self.is_writer = is_writer
+        # Called by every process after each save (a name per checkpoint).
+        self.barrier = barrier
 
     def steps(self) -> List[int]:
         if not os.path.isdir(self.directory):
@@ -52,52 +62,112 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def check_fingerprint(self) -> None:
+    def saved_fingerprint(self, step: int) -> Optional[dict]:
+        """The fingerprint stored in ckpt-<step>.npz (older checkpoints: the
+        directory's trainer_state.json), None when there is neither."""
+        with np.load(self.path(step)) as data:
+            if FINGERPRINT_KEY in data.files:
+                return json.loads(str(data[FINGERPRINT_KEY]))
         state_path = os.path.join(self.directory, STATE_FILE)
-        if not os.path.exists(state_path):
-            return
-        with open(state_path) as f:
-            saved = json.load(f)
-        differ = sorted(k for k in set(saved) | set(self.fingerprint)
-                        if saved.get(k) != self.fingerprint.get(k))
-        if differ:
+        if os.path.exists(state_path):
+            with open(state_path) as f:
+                return json.load(f)
+        return None
+
+    def check_fingerprint(self, step: int) -> None:
+        """Refuses to resume ckpt-<step> under a different training setup,
+        naming each setting that changed (old -> new)."""
+        saved = self.saved_fingerprint(step)
+        if saved is None:
             raise CheckpointMismatchError(
-                f"the checkpoints in {self.directory} come from a different training setup "
-                f"(differing: {differ}); point training.checkpoint_dir at a fresh directory")
+                f"{self.path(step)} records no training setup; point training.checkpoint_dir "
+                f"at a fresh directory")
+        changed = fingerprint_changes(saved, self.fingerprint)
+        if changed:
+            raise CheckpointMismatchError(
+                f"the checkpoint {self.path(step)} comes from a different training setup "
+                f"(changed: {'; '.join(changed)}); point training.checkpoint_dir at a fresh "
+                f"directory")
 
     def save(self, step: int, arrays: Dict[str, np.ndarray]) -> Optional[str]:
-        """Writes ckpt-<step>.npz atomically (process 0 only)."""
-        if not self.is_writer:
-            return None
-        os.makedirs(self.directory, exist_ok=True)
-        state_path = os.path.join(self.directory, STATE_FILE)
-        if not os.path.exists(state_path):
-            _atomic_write_text(state_path, json.dumps(self.fingerprint, indent=2, sort_keys=True))
-        final = self.path(step)
-        tmp = final + f".tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, __step__=np.asarray(step, np.int64), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)  # atomic: a reader sees the old set or the new file
-        for old in self.steps()[:-self.keep]:
-            os.remove(self.path(old))
+        """Writes ckpt-<step>.npz atomically (process 0), then meets the
+        other processes at the barrier."""
+        final = None
+        if self.is_writer:
+            os.makedirs(self.directory, exist_ok=True)
+            # For people and tools: the setup of the newest checkpoint.
+            _atomic_write_text(os.path.join(self.directory, STATE_FILE),
+                               json.dumps(self.fingerprint, indent=2, sort_keys=True))
+            final = self.path(step)
+            # The setup travels in every checkpoint: a directory never holds
+            # a checkpoint whose fingerprint is another run's.
+            stamp = np.asarray(json.dumps(self.fingerprint, sort_keys=True))
+            _atomic_write(final, lambda f: np.savez(f, __step__=np.asarray(step, np.int64),
+                                                    **{FINGERPRINT_KEY: stamp}, **arrays))
+            for old in self.steps()[:-self.keep]:
+                os.remove(self.path(old))
+            _fsync_dir(self.directory)
+        if self.barrier is not None:
+            self.barrier(f"checkpoint-{step}")
         return final
 
     def load(self, step: int) -> Dict[str, np.ndarray]:
         with np.load(self.path(step)) as data:
             arrays = {k: data[k] for k in data.files}
+        arrays.pop(FINGERPRINT_KEY, None)
         saved_step = int(arrays.pop("__step__"))
         if saved_step != step:
             raise CheckpointMismatchError(f"{self.path(step)} holds step {saved_step}, not {step}")
         return arrays
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def fingerprint_changes(saved: dict, current: dict, prefix: str = "") -> List[str]:
+    """'key: old -> new' for every leaf that differs (nested dicts walked)."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and key != "base_model":
+            changes += fingerprint_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            if isinstance(old, dict) or isinstance(new, dict):
+                fields = sorted(k for k in set(old or {}) | set(new or {})
+                                if (old or {}).get(k) != (new or {}).get(k))
+                changes.append(f"{prefix}{key} ({', '.join(fields)})")
+            else:
+                changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    """write(file) into a temporary file, fsync, rename over `path`, fsync
+    the directory (the rename itself survives a crash). Any failure removes
+    the temporary file and re-raises."""
     tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old set or the new file
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class EngineCheckpoints:
@@ -106,9 +176,11 @@ class EngineCheckpoints:
     model variables keyed "model/<path>", optimizer variables by position."""
 
     def __init__(self, settings, fingerprint: dict, model, optimizer,
-                 log_fn: Callable[[str], None], is_writer: bool):
+                 log_fn: Callable[[str], None], is_writer: bool,
+                 barrier: Optional[Callable[[str], None]] = None):
         self.s, self.log_fn = settings, log_fn
-        self.checkpointer = Checkpointer(settings.checkpoint_dir, fingerprint, is_writer=is_writer)
+        self.checkpointer = Checkpointer(settings.checkpoint_dir, fingerprint, is_writer=is_writer,
+                                         barrier=barrier)
         self.keys = ["model/" + relative_path(v) for v in
                      model.trainable_variables + model.non_trainable_variables]
         self.keys += [f"optimizer/{i:05d}" for i in range(len(optimizer.variables))]
@@ -133,7 +205,7 @@ class EngineCheckpoints:
         step = c.latest()
         if step is None:
             return 0, state
-        c.check_fingerprint()
+        c.check_fingerprint(step)
         if step > self.s.train_steps:
             raise CheckpointMismatchError(
                 f"the checkpoint in {c.directory} is at step {step} > train_steps "

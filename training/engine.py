@@ -4,7 +4,8 @@ model's own declaration, `model.sharding`).
 
 `Engine` builds the model, optimizer and mesh; `Engine.train` is the loop:
 it feeds numpy batches, checks the loss for NaN/inf every step, and hands
-each step's metrics to `training.metrics` (console lines, history) and its
+each step's metrics to `training.metrics` (console lines, history, and the
+records for `metrics_fn`) and its
 state to `training.checkpoint` (atomic, mesh-independent checkpoints).
 The host keeps out of the device's way (`training.overlap`): the next batch
 is read and put on the mesh by a thread while a step runs, step n's metrics
@@ -54,7 +55,11 @@ class Engine:
     """Builds the model, optimizer and mesh; `train(tokens)` runs the loop."""
 
     def __init__(self, config, settings: TrainingSettings, devices=None,
-                 log_fn: Callable[[str], None] = print):
+                 log_fn: Callable[[str], None] = print, data_identity: Optional[str] = None,
+                 metrics_fn: Optional[Callable[[dict], None]] = None):
+        """`data_identity`: the caller's identity of the training data (the
+        Trainer adapter hashes its files), part of the checkpoint fingerprint.
+        `metrics_fn`: gets each interval's record (the Trainer's live TensorBoard)."""
         import jax
         import keras
 
@@ -66,6 +71,7 @@ class Engine:
         self.config = config
         self.s = s = settings
         self.log_fn = log_fn
+        self.metrics_fn = metrics_fn  # each interval's record as a dict (training.metrics)
         self.devices = list(devices if devices is not None else jax.devices())
         self.platform = self.devices[0].platform
         self.plan = plan_mesh(len(self.devices), s.expert_parallel, config.n_routed_experts,
@@ -87,11 +93,16 @@ class Engine:
         self._lay_out()
         self.moe_names = [layer.name for layer in self.model.decoder_layers
                           if layer.mlp in self.model.moe_layers()]
-        self.fingerprint = {"model_config": config.to_dict(), "seq_len": s.seq_len,
-                            "batch_size": s.batch_size, "seed": s.seed, "float8": self.float8,
-                            "train_steps": s.train_steps,
-                            "gradient_accumulation": s.gradient_accumulation,
-                            "learning_rate": s.learning_rate, "warmup_steps": s.warmup_steps}
+        # Stored in every checkpoint; a resume under any other value is refused.
+        self.fingerprint = {
+            "base_model": config.to_dict(),
+            "data": {"identity": data_identity, "seq_len": s.seq_len, "batch_size": s.batch_size,
+                     "gradient_accumulation": s.gradient_accumulation, "seed": s.seed},
+            "optimizer": {"name": "adamw", "learning_rate": s.learning_rate,
+                          "warmup_steps": s.warmup_steps, "train_steps": s.train_steps,
+                          "weight_decay": s.weight_decay, "grad_clip_norm": s.grad_clip_norm},
+            "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8},
+        }
         self.mla_mode = training_mla_mode(config, self.float8)
         self._step_fn = build_train_step(self.model, self.optimizer, config.bias_update_speed,
                                          s.gradient_accumulation, s.record_history,
@@ -170,13 +181,15 @@ class Engine:
             raise ValueError(f"tokens: {len(tokens)} micro-batches for {s.train_steps} steps x "
                              f"{A} accumulation")
 
-    def _diverged(self, loss: float, step: int, checkpoints) -> TrainingDiverged:
+    def _diverged(self, loss: float, grad_norm: float, step: int, checkpoints) -> TrainingDiverged:
         s = self.s
+        what = (f"loss is {loss}" if not math.isfinite(loss) else
+                f"the gradient norm is {grad_norm} (loss {loss:.4f})")
         last = checkpoints.last if checkpoints else None
         where = (f"the last good checkpoint is step {last} in {s.checkpoint_dir}" if last
                  else "no checkpoint was written in this run")
         lr = warmup_cosine_lr(step, s.learning_rate, s.warmup_steps, s.train_steps)
-        return TrainingDiverged(f"training diverged: loss is {loss} at step {step + 1} (learning rate "
+        return TrainingDiverged(f"training diverged: {what} at step {step + 1} (learning rate "
                                 f"{lr:.3g}); {where}. Lower training.learning_rate or raise warmup_steps.")
 
     # ---------------------------------------------------------------- loop
@@ -191,12 +204,13 @@ class Engine:
         s = self.s
         self._check_tokens(tokens)
         checkpoints = (EngineCheckpoints(s, self.fingerprint, self.model, self.optimizer, self.log_fn,
-                                         is_writer=jax.process_index() == 0)
+                                         is_writer=jax.process_index() == 0,
+                                         barrier=_wait_for_all_processes)
                        if s.checkpoint_dir else None)
         state = self._state()
         start_step, state = checkpoints.resume(state) if checkpoints else (0, state)
         sharding = batch_sharding(self.distribution, 3)
-        metrics = TrainingMetrics(s, self.moe_names, start_step, self.log_fn)
+        metrics = TrainingMetrics(s, self.moe_names, start_step, self.log_fn, self.metrics_fn)
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
         compiled = None
 
@@ -207,11 +221,12 @@ class Engine:
         def check(pending):  # the loss check, one step late: the next step is queued already
             step, m, t0 = pending
             m = jax.device_get(m)
-            loss = float(m["loss"])
-            if not math.isfinite(loss):
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # Raised before this step's state can reach a checkpoint.
                 if checkpoints:
                     checkpoints.finish()
-                raise self._diverged(loss, step, checkpoints)
+                raise self._diverged(loss, grad_norm, step, checkpoints)
             metrics.record(step, m, time.perf_counter() - t0)
 
         prefetch = BatchPrefetcher(batch, start_step, end)

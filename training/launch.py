@@ -1,15 +1,28 @@
 """Starting the engine in a child process (the caller may have TensorFlow
 loaded; Keras' backend is fixed per process). Used by the Trainer adapter,
-the benchmarks and the tests."""
+the benchmarks and the tests.
+
+The child's lifecycle is tied to ours: it gets SIGKILL when this process
+dies (prctl PR_SET_PDEATHSIG, so a killed pod or Trainer leaves no engine
+training on), runs in its own process group, and SIGINT / SIGTERM / SIGHUP
+sent to us are forwarded to that group. Optionally a child that prints
+nothing for `stall_timeout_s` is killed as hung. Its output is read as
+UTF-8 with undecodable bytes replaced (a stray byte must not kill a healthy
+run) and kept whole in `engine.log` beside the spec; every failure ends in
+one paragraph (EngineFailed) naming the cause and that log.
+"""
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Callable, Dict, Iterable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +47,8 @@ def engine_python(env: Optional[Dict[str, str]] = None) -> str:
 
 
 class EngineFailed(RuntimeError):
-    """The engine process exited non-zero; the message carries its last lines."""
+    """The engine process failed; the message is one paragraph: the cause,
+    the exit status and the path of the engine's full log."""
 
 
 class TrainingDivergedError(EngineFailed):
@@ -68,38 +82,195 @@ def worker_env(virtual_devices: Optional[int] = None,
     return env
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _tie_to_parent(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn for the child: SIGKILL when the parent dies, and its own
+    process group (signals to it reach the engine's helpers too)."""
+
+    def preexec() -> None:
+        os.setpgid(0, 0)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: no parent-death signal
+            pass
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def spawn(argv, cwd: str, env: Dict[str, str], stdin=None, log_path: Optional[str] = None) -> subprocess.Popen:
+    """A child tied to this process (see the module docstring), its stdout
+    and stderr merged into one text pipe read as UTF-8 with replacement."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                            bufsize=1, preexec_fn=_tie_to_parent(os.getpid()))
+    proc.log_path = log_path
+    return proc
+
+
 def start_worker(spec: dict, spec_path: str, env: Dict[str, str], stdin=None) -> subprocess.Popen:
-    os.makedirs(os.path.dirname(os.path.abspath(spec_path)), exist_ok=True)
+    spec_path = os.path.abspath(spec_path)
+    os.makedirs(os.path.dirname(spec_path), exist_ok=True)
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     python = engine_python(env)
     # With another interpreter the working directory must not shadow its
     # site-packages (python -m puts the cwd first on sys.path).
-    cwd = ROOT if python == sys.executable else os.path.dirname(os.path.abspath(spec_path))
-    return subprocess.Popen([python, "-u", "-m", "training.worker", spec_path], cwd=cwd, env=env, stdin=stdin,
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    cwd = ROOT if python == sys.executable else os.path.dirname(spec_path)
+    return spawn([python, "-u", "-m", "training.worker", spec_path], cwd, env, stdin,
+                 log_path=os.path.join(os.path.dirname(spec_path), "engine.log"))
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signals the child's process group (the child alone if it has none)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+class _ForwardSignals:
+    """SIGINT / SIGTERM / SIGHUP to this process go to the child's group;
+    once the child has exited, the signal's own action runs here (the
+    previous handler, or the default: usually our exit). Only the main
+    thread can install handlers; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.previous, self.received = proc, {}, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def _forward(self, signum, frame) -> None:
+        self.received = signum
+        kill_group(self.proc, signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        if self.received is None:
+            return
+        previous = self.previous[self.received]
+        if callable(previous):
+            previous(self.received, None)  # e.g. Python's SIGINT handler: KeyboardInterrupt
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), self.received)
+
+
+class _Watchdog(threading.Thread):
+    """Kills the child's group when it has printed nothing for `timeout_s`."""
+
+    def __init__(self, proc: subprocess.Popen, timeout_s: float):
+        super().__init__(name="engine-watchdog", daemon=True)
+        self.proc, self.timeout_s = proc, float(timeout_s)
+        self.last_output = time.monotonic()
+        self.fired = False
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(min(self.timeout_s / 4, 5.0)):
+            if time.monotonic() - self.last_output > self.timeout_s and self.proc.poll() is None:
+                self.fired = True
+                kill_group(self.proc)
+                return
 
 
 # Lines of the child's output that are its own (the rest is library noise,
-# kept for the error message).
+# kept in the log).
 _ENGINE_PREFIXES = ("engine:", "step ", "checkpoint step", "resuming from", "training diverged")
 
 
-def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print) -> None:
+def failure_paragraph(returncode: int, tail, log_path: Optional[str], stalled_s: Optional[float] = None,
+                      signalled: Optional[int] = None) -> str:
+    """One paragraph for a failed engine: the cause, the status, the log."""
+    from training.worker import ENGINE_ERROR_EXIT, ENGINE_ERROR_PREFIX
+
+    lines = [line.strip() for line in tail if line.strip()]
+    if stalled_s is not None:
+        cause = (f"the training engine printed nothing for {stalled_s:.0f} s and was killed as hung "
+                 f"(stall timeout)")
+    elif signalled is not None:
+        cause = f"the training engine was stopped by {signal.Signals(signalled).name}, forwarded from the Trainer"
+    elif returncode == -signal.SIGKILL:
+        cause = ("the training engine was killed (SIGKILL), most likely by the out-of-memory killer: "
+                 "lower batch_size, seq_len or the model size, or give the Trainer more memory")
+    elif returncode < 0:
+        cause = f"the training engine was killed by {signal.Signals(-returncode).name}"
+    elif returncode == ENGINE_ERROR_EXIT:
+        found = [line[len(ENGINE_ERROR_PREFIX):].strip() for line in lines if line.startswith(ENGINE_ERROR_PREFIX)]
+        cause = found[-1] if found else "the training engine reported an error"
+    else:
+        last = lines[-1] if lines else "no output"
+        cause = f"the training engine failed: {last[:500]}"
+    log = f"; the engine's full output: {log_path}" if log_path else ""
+    return f"{cause} (exit status {returncode}{log})"
+
+
+def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
+                stall_timeout_s: Optional[float] = None,
+                metrics_fn: Optional[Callable[[dict], None]] = None) -> None:
+    """Forwards the child's own lines to log_fn, its metrics records
+    (training.worker.METRICS_PREFIX lines) to metrics_fn as they come, and
+    all of its output to its engine.log until it exits; EngineFailed (one
+    paragraph) unless it succeeded. Signals to this process are forwarded
+    to the child."""
+    from training.worker import METRICS_PREFIX
+
     tail = collections.deque(maxlen=40)
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        tail.append(line)
-        if line.startswith(_ENGINE_PREFIXES):
-            log_fn(line)
-    if proc.wait() != 0:
+    log_path = getattr(proc, "log_path", None)
+    watchdog = _Watchdog(proc, stall_timeout_s) if stall_timeout_s else None
+    if watchdog:
+        watchdog.start()
+    log = open(log_path, "a", encoding="utf-8") if log_path else None
+    forward = _ForwardSignals(proc)
+    try:
+        with forward:
+            for line in proc.stdout:
+                if watchdog:
+                    watchdog.last_output = time.monotonic()
+                if log:
+                    log.write(line)
+                    log.flush()
+                line = line.rstrip("\n")
+                if line.startswith(METRICS_PREFIX):
+                    try:
+                        record = json.loads(line[len(METRICS_PREFIX):])
+                    except ValueError:  # cut by library noise on the same pipe: only a lost point
+                        record = None
+                    if record is not None and metrics_fn is not None:
+                        metrics_fn(record)
+                    continue
+                tail.append(line)
+                if line.startswith(_ENGINE_PREFIXES):
+                    log_fn(line)
+            proc.wait()
+    finally:
+        if watchdog:
+            watchdog.done.set()
+        if log:
+            log.close()
+    if proc.returncode != 0:
         from training.worker import DIVERGED_EXIT
 
-        if proc.returncode == DIVERGED_EXIT:
+        if proc.returncode == DIVERGED_EXIT and not (watchdog and watchdog.fired):
             raise TrainingDivergedError([l for l in tail if l.startswith("training diverged")][-1])
-        raise EngineFailed(f"the training engine exited with status {proc.returncode}:\n"
-                           + "\n".join(tail))
+        raise EngineFailed(failure_paragraph(
+            proc.returncode, tail, log_path, stall_timeout_s if watchdog and watchdog.fired else None,
+            forward.received))
 
 
 class BatchFeeder(threading.Thread):
@@ -138,13 +309,22 @@ class BatchFeeder(threading.Thread):
 
 
 def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
-               log_fn: Callable[[str], None] = print, batches: Optional[Iterable] = None) -> dict:
-    """Runs the engine to completion; returns its result.json. With
+               log_fn: Callable[[str], None] = print, batches: Optional[Iterable] = None,
+               stall_timeout_s: Optional[float] = None,
+               metrics_fn: Optional[Callable[[dict], None]] = None) -> dict:
+    """Runs the engine to completion; returns its result.json. metrics_fn
+    gets each of the engine's metrics records as it reports it. With
     `batches` (an iterable of [B, S] int arrays, for a spec with
-    `"tokens": "stdin"`) a background thread streams them to the child."""
+    `"tokens": "stdin"`) a background thread streams them to the child.
+    `stall_timeout_s`: kill the child as hung after that long without output."""
     if batches is None:
         proc = start_worker(spec, spec_path, env or worker_env())
-        wait_worker(proc, log_fn)
+        try:
+            wait_worker(proc, log_fn, stall_timeout_s, metrics_fn)
+        finally:
+            if proc.poll() is None:  # interrupted while the child runs
+                kill_group(proc)
+                proc.wait()
     else:
         if spec.get("tokens") != "stdin":
             raise ValueError(f'run_worker: batches need spec["tokens"] == "stdin", '
@@ -160,7 +340,7 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
         feeder = BatchFeeder(os.fdopen(write_end, "wb"), batches)
         feeder.start()
         try:
-            wait_worker(proc, log_fn)
+            wait_worker(proc, log_fn, stall_timeout_s, metrics_fn)
         except EngineFailed as failed:
             feeder.stop.set()
             feeder.join(timeout=60)
@@ -169,7 +349,7 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
             raise
         finally:
             if proc.poll() is None:  # interrupted while the child runs
-                proc.kill()
+                kill_group(proc)
                 proc.wait()
             feeder.stop.set()
         feeder.join(timeout=60)

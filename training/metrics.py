@@ -1,7 +1,8 @@
 """What the training loop reports: per-interval means (loss, perplexity,
 learning rate, tokens/s, ETA, the worst expert max/min load ratio) as
-console lines and history, the per-step record (tests), the expert-balance
-summary, and the run's timings."""
+console lines and history, the same interval records (with the gradient
+norm and each MoE layer's expert load) to `metrics_fn` as dicts, the
+per-step record (tests), the expert-balance summary, and the run's timings."""
 
 from __future__ import annotations
 
@@ -41,8 +42,15 @@ class TrainingMetrics:
     steps and at the last one, and keeps the history and the timings."""
 
     def __init__(self, settings, moe_names: List[str], start_step: int,
-                 log_fn: Callable[[str], None]):
+                 log_fn: Callable[[str], None],
+                 metrics_fn: Optional[Callable[[dict], None]] = None):
         self.s, self.moe_names, self.start_step, self.log_fn = settings, moe_names, start_step, log_fn
+        # Machine-readable progress: {"event": "start", ...} now, then
+        # {"event": "interval", ...} with each console line.
+        self.metrics_fn = metrics_fn or (lambda record: None)
+        self.metrics_fn({"event": "start", "start_step": start_step, "train_steps": settings.train_steps,
+                         "log_every": settings.log_every, "tokens_per_step": settings.tokens_per_step,
+                         "moe_layers": list(moe_names)})
         self.history: List[dict] = []    # one entry per console line
         self.steps: List[dict] = []      # one per step (settings.record_history)
         self.last_experts: Dict[str, dict] = {}
@@ -52,7 +60,7 @@ class TrainingMetrics:
 
     def _reset(self, step: int) -> None:
         self._start, self._start_step = time.perf_counter(), step
-        self._loss = self._ce = 0.0
+        self._loss = self._ce = self._grad_norm = self._grad_norm_max = 0.0
         self._load = self._dropped = None
 
     def record(self, step: int, m: dict, step_seconds: float) -> None:
@@ -63,11 +71,14 @@ class TrainingMetrics:
         done, loss = step + 1, float(m["loss"])
         self._loss += loss
         self._ce += float(m["ce"])
+        self._grad_norm_max = max(self._grad_norm_max, float(m["grad_norm"]))
+        self._grad_norm += float(m["grad_norm"])
         load, dropped = np.asarray(m["load"], np.float64), np.asarray(m["dropped"], np.float64)
         self._load = load if self._load is None else self._load + load
         self._dropped = dropped if self._dropped is None else self._dropped + dropped
         if s.record_history:
             self.steps.append({"step": done, "loss": loss, "ce": float(m["ce"]),
+                               "grad_norm": float(m["grad_norm"]),
                                "load": m["load"].tolist(), "bias": m["bias"].tolist(),
                                "micro_load": m["micro_load"].tolist() if "micro_load" in m else None})
         if done % s.log_every == 0 or done == s.train_steps:
@@ -90,10 +101,13 @@ class TrainingMetrics:
             balance = f" | expert max/min {worst:.2f}"
         self.history.append({"step": done, "loss": loss_mean, "next_token_loss": ce_mean,
                              "perplexity": ppl, "learning_rate": lr, "tokens_per_second": tps,
+                             "grad_norm": self._grad_norm / n, "max_grad_norm": self._grad_norm_max,
                              "experts": self.last_experts})
+        self.metrics_fn({"event": "interval", "time": time.time(), **self.history[-1]})
         width = len(str(s.train_steps))
         self.log_fn(f"step {done:>{width}}/{s.train_steps} | loss {loss_mean:.4f} | ppl {ppl:.2f} | "
-                    f"lr {lr:.2e} | {tps:,.0f} tok/s | ETA {format_duration(eta)}{balance}")
+                    f"lr {lr:.2e} | {tps:,.0f} tok/s | ETA {format_duration(eta)}{balance}"
+                    f" | grad norm max {self._grad_norm_max:.3g}")
         self._reset(done)
 
     def summary(self, end_step: int) -> dict:
@@ -106,6 +120,7 @@ class TrainingMetrics:
         return {
             "tokens_trained": trained * tokens,
             "train_seconds": train_seconds,
+            "train_finished_at": time.time(),  # Unix time, just after the last step
             "first_step_seconds": self.first_step_seconds,
             "tokens_per_second": trained * tokens / train_seconds if trained and train_seconds > 0 else None,
             "steady_tokens_per_second": (steady * tokens / steady_seconds

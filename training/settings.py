@@ -65,6 +65,9 @@ class TrainingSettings:
     log_every: int = _explicit(25)
     eval_batches: Optional[int] = None    # the Trainer's evaluation; None: fn_args.eval_steps
     record_history: bool = False          # per-step losses, biases and loads (tests)
+    # The Trainer kills its engine child as hung after this many seconds
+    # without a line of output (training.launch); None: no limit.
+    engine_stall_timeout_s: Optional[float] = None
 
     def __post_init__(self):
         # seq_len >= 2: one input and one target.
@@ -82,6 +85,8 @@ class TrainingSettings:
         if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str)
                                                 or not self.checkpoint_dir):
             self._check("checkpoint_dir", f"must be a non-empty path, got {self.checkpoint_dir!r}")
+        if self.engine_stall_timeout_s is not None:
+            self._check("engine_stall_timeout_s", _float_problem(self.engine_stall_timeout_s, positive=True))
         if self.eval_batches is not None:
             self._check("eval_batches", int_problem(self.eval_batches, 1))
         if not isinstance(self.record_history, bool):

@@ -46,9 +46,10 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
     """-> jit(step)(tv, ntv, ov, ids, mask) -> (tv, ntv, ov, metrics), the
     state donated and its output shardings those of the variables now
     (model.trainable / non_trainable variables, optimizer.variables), the
-    metrics replicated: loss, ce, and per MoE layer load, dropped, bias
-    (and micro_load with record_history). `mla_mode`: the MLA form of the
-    forward pass (`training_mla_mode`; None: the model's default)."""
+    metrics replicated: loss, ce, the gradients' global norm, and per MoE
+    layer load, dropped, bias (and micro_load with record_history).
+    `mla_mode`: the MLA form of the forward pass (`training_mla_mode`;
+    None: the model's default)."""
     import jax
     from keras import ops
 
@@ -109,8 +110,14 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
         if gamma > 0:
             for i, b, load in zip(bias_idx, bias0, loads):
                 ntv[i] = ops.cast(router_bias_update(b, load, gamma), b.dtype)
+        # The global norm of this step's gradients (float8 scale bookkeeping
+        # excluded), before clipping: a finite loss can come with non-finite
+        # gradients, which the update would write into every weight.
+        grad_norm = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32")))
+                                 for g, ow in zip(grads, overwrite) if not ow))
         tv, ov = optimizer.stateless_apply(ov, grads, tv)
         metrics = {"loss": loss_sum / accumulation, "ce": ce_sum / accumulation,
+                   "grad_norm": grad_norm,
                    "load": ops.stack(loads) if loads else ops.zeros((0,)),
                    "dropped": ops.stack([ntv[i] for i in dropped_idx]) if loads
                    else ops.zeros((0,)),

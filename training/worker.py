@@ -10,7 +10,8 @@ or by hand on a machine with JAX and no TensorFlow. SPEC:
      "output_dir": "<dir>",          # gets result.json and weights.npz
      "num_devices": int | null,      # default: every device (all processes)
      "save_weights": true, "stop_after": null, "report_shardings": false,
-     "logits_for": "<.npy [N, S] int32>" | null}  # -> output_dir/logits.npy
+     "logits_for": "<.npy [N, S] int32>" | null,  # -> output_dir/logits.npy
+     "data_identity": str | null}   # part of the checkpoint fingerprint
 
 "logits_for": after training, the model's float32 logits for those token
 rows, from the engine's own weights in this process (the check that the
@@ -23,7 +24,10 @@ resumed run reads and discards the micro-batches of the steps it has done.
 `training.launch.run_worker(..., batches=...)` feeds them. With several
 processes each one reads its own stdin and must get the same stream.
 
-Console lines go to stdout (flushed). Multi-process: set
+Console lines go to stdout (flushed), and beside them one JSON line per
+engine metrics record (`METRICS_PREFIX` + json; the engine's `metrics_fn`:
+the start step, then every log interval), which
+`training.launch.wait_worker` hands to its `metrics_fn`. Multi-process: set
 KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID in every
 process (see training.parallel); process 0 writes the outputs.
 """
@@ -36,6 +40,34 @@ import os
 import sys
 
 DIVERGED_EXIT = 3
+# A failure the engine can name (mesh, checkpoint mismatch, the token stream
+# ending early, out of device memory): one line `engine error: ...` on stdout
+# (launch.failure_paragraph reads it), the traceback on stderr for the log.
+ENGINE_ERROR_EXIT = 4
+ENGINE_ERROR_PREFIX = "engine error:"
+
+
+def named_error(error: BaseException):
+    """The one-line account of an error the engine knows, or None."""
+    from training.checkpoint import CheckpointMismatchError
+    from training.parallel import MeshError
+
+    text = " ".join(str(error).split())
+    if isinstance(error, MeshError):
+        return f"the device mesh cannot run this training: {text}"
+    if isinstance(error, CheckpointMismatchError):
+        return f"the checkpoint does not fit this training: {text}"
+    if isinstance(error, EOFError):
+        return f"the training batches ended early: {text}"
+    if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
+        first = text.split(" Traceback")[0][:300]
+        return (f"out of device memory (RESOURCE_EXHAUSTED): lower batch_size, seq_len or the model "
+                f"size, or use gradient_accumulation / more devices ({first})")
+    return None
+
+
+# Interval records for the Trainer's live TensorBoard: one JSON line each.
+METRICS_PREFIX = "@metrics "
 
 
 def json_safe(value):
@@ -64,6 +96,21 @@ def sharding_report(engine) -> dict:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except Exception as e:  # noqa: BLE001 - named or not, the traceback goes to the log
+        message = named_error(e)
+        if message is None:
+            raise
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        print(f"{ENGINE_ERROR_PREFIX} {message}", flush=True)
+        return ENGINE_ERROR_EXIT
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m training.worker SPEC.json", file=sys.stderr)
@@ -90,7 +137,11 @@ def main(argv=None) -> int:
     devices = jax.devices()
     if spec.get("num_devices"):
         devices = devices[:int(spec["num_devices"])]
-    engine = Engine(config, settings, devices=devices, log_fn=log)
+    def report(record: dict) -> None:
+        log(METRICS_PREFIX + json.dumps(json_safe(record)))
+
+    engine = Engine(config, settings, devices=devices, log_fn=log, data_identity=spec.get("data_identity"),
+                    metrics_fn=report)
     log(f"engine: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
         f"{settings.seq_len}, batch {settings.batch_size} x {settings.gradient_accumulation} "
         f"accumulation, {settings.train_steps} steps on {len(devices)} {engine.platform} "

@@ -156,6 +156,11 @@ def test_second_run_reuses_cached_results_and_compares_with_the_baseline(good_ru
     assert first["change"] == {} and second["change"]["token_loss"] == pytest.approx(0, abs=1e-6)
     assert second["baseline"]["token_loss"] == pytest.approx(first["metrics"]["token_loss"])
     assert second["validated"] is True
+    # ... and blesses the same model again, which is already served: nothing new is pushed.
+    assert len(os.listdir(good_run.path("serving"))) == 1
+    pushed = [a for a in info["artifacts"] if a["type"] == "PushedModel"]
+    assert pushed[-1]["properties"]["already_pushed"] == 1
+    assert pushed[-1]["properties"]["pushed_version"] == pushed[0]["properties"]["pushed_version"]
 
 
 def test_worse_candidate_than_the_blessed_baseline_is_not_pushed(good_run):

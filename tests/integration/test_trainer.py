@@ -90,7 +90,7 @@ def _load_keras(fn_args):
 
 def _checkpoint_values(path):
     with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+        return {k: data[k] for k in data.files if k != "__fingerprint__"}
 
 
 def _log_softmax(x):
@@ -159,23 +159,92 @@ def test_run_fn_trains_logs_and_writes_artifacts(trained):
     assert moe["load_max_min_ratio"] >= 1.0 and moe["dropped_fraction"] >= 0.0
 
 
-def test_tensorboard_scalars(trained):
-    fn_args, summary, _ = trained
-    scalars = {}
-    for name in tf.io.gfile.listdir(fn_args.model_run_dir):
-        if not name.startswith("events.out.tfevents"):
+SCALAR_TAGS = ("train/loss", "train/next_token_loss", "train/perplexity", "train/learning_rate",
+               "train/tokens_per_second", "train/grad_norm")
+MOE_TAGS = ("load_max_min_ratio", "load_max", "load_min", "load_cv", "bias_mean", "bias_spread",
+            "dropped_fraction")
+
+
+def _events(log_dir):
+    """{tag: [(step, wall_time, value, plugin)]} over every event file, in
+    file and write order (a duplicated step shows twice)."""
+    from tensorboard.compat.proto import event_pb2
+
+    events, plugins = {}, {}
+    for name in sorted(tf.io.gfile.listdir(log_dir)):
+        if "tfevents" not in name:
             continue
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(fn_args.model_run_dir, name)):
+        for raw in tf.data.TFRecordDataset(os.path.join(log_dir, name)).as_numpy_iterator():
+            event = event_pb2.Event.FromString(raw)
             for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
-    for tag in ("train/loss", "train/perplexity", "train/learning_rate", "train/tokens_per_second",
-                "moe/layers_1/load_max_min_ratio", "moe/layers_1/load_cv", "moe/layers_1/bias_mean",
-                "moe/layers_1/bias_spread", "moe/layers_1/dropped_fraction"):
-        assert sorted(scalars[tag]) == [5, 10, 15, 20], tag
-    assert scalars["train/loss"][20] == pytest.approx(summary["loss_history"][-1]["loss"])
+                plugin = value.metadata.plugin_data.plugin_name or plugins.get(value.tag)
+                plugins[value.tag] = plugin
+                events.setdefault(value.tag, []).append(
+                    (event.step, event.wall_time, tf.make_ndarray(value.tensor), plugin))
+    return events
+
+
+def _steps(points):
+    return [p[0] for p in points]
+
+
+def _scalar(points, step):
+    (value,) = [float(p[2]) for p in points if p[0] == step]
+    return value
+
+
+def test_tensorboard_events_are_written_live(trained):
+    """A point per log interval for every scalar (engine metrics, per MoE layer
+    balance), written while the engine still trained; the expert load of each
+    MoE layer as a heatmap image and a histogram; eval at the end."""
+    fn_args, summary, _ = trained
+    events = _events(fn_args.model_run_dir)
+    layers = sorted(summary["expert_load_per_layer"])
+    assert layers == ["layers_1"]
+    tags = list(SCALAR_TAGS) + [f"moe/{layer}/{key}" for layer in layers for key in MOE_TAGS]
+    for tag in tags:
+        assert _steps(events[tag]) == [5, 10, 15, 20], tag
+        assert {p[3] for p in events[tag]} == {"scalars"}, tag
+    history = {h["step"]: h for h in summary["loss_history"]}
+    for step in (5, 10, 15, 20):
+        assert _scalar(events["train/loss"], step) == pytest.approx(history[step]["loss"], rel=1e-6)
+        assert _scalar(events["train/grad_norm"], step) == pytest.approx(history[step]["grad_norm"], rel=1e-6)
+        assert history[step]["grad_norm"] > 0
     # Warmup reaches the peak at the 5th update; cosine decay follows.
-    assert scalars["train/learning_rate"][5] == pytest.approx(3e-3)
-    assert scalars["train/learning_rate"][20] < scalars["train/learning_rate"][10] < 3e-3
+    assert _scalar(events["train/learning_rate"], 5) == pytest.approx(3e-3)
+    assert _scalar(events["train/learning_rate"], 20) < _scalar(events["train/learning_rate"], 10) < 3e-3
+    # Live: the curves were on disk, from the first interval on, before the
+    # engine's last step ended (later points may trail the engine a little).
+    finished = summary["train_finished_at"]
+    for tag in tags:
+        step, wall_time = events[tag][0][:2]
+        assert step == 5 and wall_time < finished, (tag, wall_time, finished)
+        assert [p[1] for p in events[tag]] == sorted(p[1] for p in events[tag]), tag
+    # Balance scalars agree with the engine's interval statistics.
+    last = summary["expert_utilization_last_interval"]["layers_1"]
+    assert _scalar(events["moe/layers_1/load_cv"], 20) == pytest.approx(last["load_cv"], rel=1e-6)
+    share = np.asarray(last["load_fraction"]) * TINY.n_routed_experts
+    assert _scalar(events["moe/layers_1/load_max"], 20) == pytest.approx(share.max(), rel=1e-6)
+    assert _scalar(events["moe/layers_1/load_min"], 20) == pytest.approx(share.min(), rel=1e-6)
+    for layer in layers:
+        # A picture at the last interval; earlier ones unless the drawing fell behind the engine.
+        images = events[f"moe/{layer}/expert_load_heatmap"]
+        steps = _steps(images)
+        assert steps[-1] == 20 and steps == sorted(set(steps)) and set(steps) <= {5, 10, 15, 20}
+        assert images[0][3] == "images"
+        width, height, png = images[-1][2][:3]
+        pixels = tf.io.decode_png(png).numpy()
+        assert pixels.shape[:2] == (int(height), int(width)) and pixels.shape[0] > 100
+        assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50  # a drawn picture
+        histograms = events[f"moe/{layer}/expert_load"]
+        assert _steps(histograms) == [5, 10, 15, 20] and histograms[0][3] == "histograms"
+    assert _steps(events["eval/loss"]) == [20]
+    assert _scalar(events["eval/loss"], 20) == pytest.approx(summary["eval_loss"], rel=1e-6)
+    # The same records, machine-readable, for the run report.
+    with open(summary["metrics_file"]) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert records[-1]["experts"]["layers_1"]["load_fraction"] == pytest.approx(last["load_fraction"])
 
 
 def test_eval_loss_and_keras_model(trained):
@@ -245,22 +314,67 @@ def test_savedmodel_generate_matches_python_reference(trained):
         run(prompts, TINY.max_position_embeddings)
 
 
-def test_resume_from_a_checkpoint_matches_uninterrupted_run(tmp_path, examples, trained):
-    """A run that stopped after its step-10 checkpoint (the engine's kill -9
-    test is in test_engine.py) resumes there and ends like the uninterrupted run."""
+def _engine_child():
+    import psutil
+
+    (child,) = [p for p in psutil.Process().children(recursive=True)
+                if "training.worker" in " ".join(p.cmdline())]
+    return child
+
+
+def test_killed_run_resumes_like_the_uninterrupted_run_and_its_curves(tmp_path, examples, trained,
+                                                                      monkeypatch):
+    """The engine is killed (SIGKILL) after step 15 was logged, its last
+    checkpoint being step 10; the rerun resumes there, ends like the
+    uninterrupted run, and its TensorBoard curves hold each step once."""
+    import threading
+
     reference_args, reference_summary, _ = trained
     fn_args = _fn_args(tmp_path, examples)
     checkpoints = os.path.join(fn_args.model_run_dir, "checkpoints")
     source = os.path.join(reference_args.model_run_dir, "checkpoints")
-    os.makedirs(checkpoints)
-    for name in ("ckpt-10.npz", "trainer_state.json"):
-        shutil.copy(os.path.join(source, name), checkpoints)
+    killed = threading.Event()
+    stream = trainer.stream_batches
+
+    def held_stream(*args, **kwargs):  # step 16's batch waits until the engine is gone
+        batches = stream(*args, **kwargs)
+
+        def first_16():
+            for index, batch in enumerate(batches):
+                if index == 16:
+                    killed.wait(300)
+                    return
+                yield batch
+        return first_16()
+
+    def kill_after_step_15(line):
+        if line.startswith("step 15/20"):
+            _engine_child().kill()
+            killed.set()
+
+    monkeypatch.setattr(trainer, "stream_batches", held_stream)
+    with pytest.raises(RuntimeError, match="exited with status -9"):
+        trainer.run_fn(fn_args, log_fn=kill_after_step_15)
+    monkeypatch.undo()
+    assert _steps(_events(fn_args.model_run_dir)["train/loss"]) == [5, 10, 15]
+    assert sorted(n for n in os.listdir(checkpoints) if n.endswith(".npz")) == ["ckpt-10.npz"]
 
     summary, lines = _run(fn_args)
     assert "resuming from step 10" in "\n".join(lines)
     assert summary["start_step"] == 10 and summary["final_step"] == 20 and summary["resumed"]
     assert [h["step"] for h in summary["loss_history"]] == [15, 20]
     assert summary["tokens_trained"] == 10 * BATCH * SEQ_LEN
+    events, uninterrupted = _events(fn_args.model_run_dir), _events(reference_args.model_run_dir)
+    for tag in list(SCALAR_TAGS) + [f"moe/layers_1/{key}" for key in MOE_TAGS] + ["moe/layers_1/expert_load"]:
+        assert _steps(events[tag]) == [5, 10, 15, 20], tag
+    images = _steps(events["moe/layers_1/expert_load_heatmap"])
+    assert images[-1] == 20 and images == sorted(set(images)), images
+    for tag in ("train/loss", "train/grad_norm", "moe/layers_1/load_cv"):  # same curve as without the kill
+        for step in (5, 10, 15, 20):
+            assert _scalar(events[tag], step) == pytest.approx(_scalar(uninterrupted[tag], step), rel=1e-4), tag
+    assert _steps(events["eval/loss"]) == [20]
+    with open(summary["metrics_file"]) as f:
+        assert [json.loads(line)["step"] for line in f] == [5, 10, 15, 20]
 
     # Same batches, same state: weights, router biases, optimizer moments, step.
     resumed = _checkpoint_values(os.path.join(checkpoints, "ckpt-20.npz"))
@@ -275,12 +389,71 @@ def test_resume_from_a_checkpoint_matches_uninterrupted_run(tmp_path, examples, 
     summary, lines = _run(fn_args)
     assert summary["start_step"] == 20 and "resuming from step 20" in "\n".join(lines)
     assert summary["eval_loss"] == pytest.approx(reference_summary["eval_loss"], abs=1e-5)
+    events = _events(fn_args.model_run_dir)
+    assert _steps(events["train/loss"]) == [5, 10, 15, 20] and _steps(events["eval/loss"]) == [20]
 
     # A different model in the same checkpoint_dir is refused, naming what differs.
     other = _fn_args(tmp_path / "other", examples, custom_config=_custom_config(
         model_config=TINY.replace(hidden_size=48), checkpoint_dir=checkpoints))
-    with pytest.raises(RuntimeError, match="CheckpointMismatchError.*model_config"):
+    with pytest.raises(RuntimeError, match=r"the checkpoint does not fit this training: .*changed: base_model \(hidden_size\)"):
         _run(other)
+
+
+def test_changed_data_under_the_same_checkpoints_is_refused_naming_it(tmp_path, examples, trained):
+    """Other records in the same place, checkpoints of a finished run: not
+    0 steps and the old model re-exported, but a refusal naming the data."""
+    reference_args, _, _ = trained
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(os.path.join(reference_args.model_run_dir, "checkpoints"), checkpoints)
+    changed = tmp_path / "examples"
+    shutil.copytree(examples, changed)
+    rows = generate(DataSpec("markov", vocab_size=64, seq_len=SEQ_LEN, seed=1), 192)
+    write_tfrecords(str(changed / "Split-train" / "data_tfrecord-00000-of-00001.gz"), rows)
+    fn_args = _fn_args(tmp_path / "run", str(changed), checkpoint_dir=str(checkpoints))
+    with pytest.raises(RuntimeError, match=r"different training setup \(changed: data\.identity: '[0-9a-f]+' "
+                                           r"-> '[0-9a-f]+'\)"):
+        _run(fn_args)
+    assert not os.path.exists(fn_args.serving_model_dir)
+
+
+def test_remote_uris_train_mirror_checkpoints_and_resume(tmp_path, examples, trained, monkeypatch):
+    """model_run_dir, serving_model_dir and the checkpoints on a non-local
+    scheme (TF's in-memory ram:// filesystem): the engine works in a local
+    temporary directory, each checkpoint is mirrored to the URI, and a
+    restarted run on a fresh disk fetches the newest one and resumes."""
+    gfile = tf.io.gfile
+    monkeypatch.chdir(tmp_path)  # os.makedirs("ram://...") would create ./ram:/ here
+    reference_args, reference_summary, _ = trained
+    root = f"ram://trainer-{os.getpid()}-{tmp_path.name}"
+    fn_args = _fn_args(root, examples)
+    checkpoints = f"{root}/model_run/checkpoints"
+
+    summary, lines = _run(fn_args)
+    assert summary["final_step"] == 20 and not summary["resumed"]
+    assert sorted(gfile.listdir(checkpoints)) == ["ckpt-10.npz", "ckpt-20.npz", "trainer_state.json"]
+    assert summary["checkpoint_steps"] == [10, 20] and summary["checkpoint_mirror_seconds"] > 0
+    assert gfile.exists(os.path.join(fn_args.serving_model_dir, "saved_model.pb"))
+    assert gfile.exists(f"{root}/model/{trainer.SUMMARY_FILE}")
+    assert gfile.exists(f"{root}/model/{trainer.KERAS_MODEL_PATH}")
+    assert gfile.exists(f"{root}/model_run/engine/engine.log")
+    assert gfile.glob(f"{root}/model_run/events.out.tfevents.*")
+    assert not os.path.exists(tmp_path / "ram:")  # nothing went to a local look-alike path
+    assert summary["eval_loss"] == pytest.approx(reference_summary["eval_loss"], abs=1e-5)
+
+    # The pod dies after its step-10 checkpoint reached the bucket: a new one resumes there.
+    gfile.remove(f"{checkpoints}/ckpt-20.npz")
+    summary, lines = _run(fn_args)
+    assert "fetched checkpoint step 10" in "\n".join(lines) and "resuming from step 10" in "\n".join(lines)
+    assert summary["start_step"] == 10 and summary["final_step"] == 20 and summary["resumed"]
+    with gfile.GFile(f"{checkpoints}/ckpt-20.npz", "rb") as f:
+        import io
+
+        with np.load(io.BytesIO(f.read())) as data:
+            resumed = {k: data[k] for k in data.files}
+    reference = _checkpoint_values(os.path.join(reference_args.model_run_dir, "checkpoints", "ckpt-20.npz"))
+    for name in reference:
+        np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)
+    assert summary["eval_loss"] == pytest.approx(reference_summary["eval_loss"], abs=1e-5)
 
 
 def test_gradient_accumulation_streams_two_batches_a_step(tmp_path, examples):
@@ -305,6 +478,24 @@ def test_empty_train_split_is_refused_before_the_engine_starts(tmp_path, example
     write_tfrecords(str(train), np.zeros((0, SEQ_LEN), np.int64))
     fn_args = _fn_args(tmp_path, str(empty), train_steps=2)
     with pytest.raises(ValueError, match=r"fn_args.train_files: .*Split-train.* has no examples"):
+        trainer.run_fn(fn_args, log_fn=lambda line: None)
+    assert not os.path.exists(os.path.join(fn_args.model_run_dir, "engine", "spec.json"))
+
+
+@pytest.mark.parametrize("split, bad", [("train", 64), ("train", -1), ("eval", 2 ** 32), ("eval", -5)])
+def test_token_ids_outside_the_vocab_are_a_data_error_naming_the_split(tmp_path, examples, split, bad):
+    """A user's own TFRecords with ids the model has no embedding for (or
+    negative ones, which would wrap) stop before the engine starts, as a
+    data error, not as a divergence."""
+    broken = tmp_path / "examples"
+    shutil.copytree(examples, broken)
+    path = broken / f"Split-{split}" / "data_tfrecord-00000-of-00001.gz"
+    rows = generate(SPEC, 192 if split == "train" else 64).astype(np.int64)
+    rows[:, 3] = bad  # in every batch, the first included
+    write_tfrecords(str(path), rows)
+    fn_args = _fn_args(tmp_path, str(broken), train_steps=2)
+    with pytest.raises(trainer.TokenDataError, match=rf"^{split} split: batch 0 holds \d+ token id\(s\) "
+                                                     rf"outside the model's vocabulary \[0, 64\)"):
         trainer.run_fn(fn_args, log_fn=lambda line: None)
     assert not os.path.exists(os.path.join(fn_args.model_run_dir, "engine", "spec.json"))
 
