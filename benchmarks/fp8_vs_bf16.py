@@ -2,8 +2,11 @@
 activations quantize-dequantized with delayed scaling) against plain
 mixed_bfloat16 training of the same small model on the same Markov data.
 
-Both models are built under the mixed_bfloat16 policy; the float8 one is then
-quantized, so the difference between the two is the float8 treatment alone.
+Under JAX both train with the engine's own step (`Engine.step_runner`:
+AdamW + schedule + clipping + bias update) at the engine's precision settings
+"bf16" and "float8" (float8 on "auto": float32 on CPU, mixed_bfloat16 on GPU).
+Under TensorFlow both models are built under the mixed_bfloat16 policy and
+the float8 one is then quantized, through common.TrainStep.
 On a CPU float8 matmuls are emulated (quantize, dequantize, then a bf16/f32
 matmul), so float8 is expected to be slower here; it is recorded as measured."""
 
@@ -53,8 +56,49 @@ def _zero_scale_layers(model) -> List[str]:
     return bad
 
 
+def _train_engine(variant: str, config, data, batch: int, steps: int) -> Dict[str, Any]:
+    """The engine's own step (training.step: AdamW + schedule + clipping +
+    bias update) under the engine's precision setting of that name."""
+    from training.engine import Engine
+    from training.settings import TrainingSettings
+
+    settings = TrainingSettings(batch_size=batch, seq_len=data.shape[1], train_steps=steps,
+                                learning_rate=LEARNING_RATE, weight_decay=0.01, precision=variant)
+    engine = Engine(config, settings, log_fn=lambda line: None)
+    info: Dict[str, Any] = {"policy": engine.policy, "step": "training.engine"}
+    if engine.float8:
+        layers = _float8_layers(engine.model)
+        info["float8_layers"] = len(layers)
+        info["float8_kernel_params"] = int(sum(int(np.prod(l.kernel.shape)) for l in layers))
+        info["trainable_params"] = int(sum(int(np.prod(v.shape)) for v in engine.model.trainable_variables
+                                           if not getattr(v, "overwrite_with_gradient", False)))
+    start = time.perf_counter()
+    run, compile_s = engine.step_runner(data[:batch][None])
+    losses, times = [], []
+    for i in range(steps):
+        if i:
+            start = time.perf_counter()
+        loss = float(np.asarray(run(data[i * batch:(i + 1) * batch][None])))
+        times.append((time.perf_counter() - start) * 1e3)  # the first one with its compile
+        losses.append(loss)
+    run.sync()
+    timed = times[1:] or times
+    info.update(common.summarize(timed, first_call_ms=times[0]))
+    info["step_ms"] = info["median_ms"]
+    info["compile_ms"] = compile_s * 1e3
+    info["loss"] = losses
+    info["compilations"] = 1
+    info["finite"] = bool(np.all(np.isfinite(losses)))
+    if engine.float8:
+        info["float8_layers_with_zero_scale"] = _zero_scale_layers(engine.model)
+    return info
+
+
 def _train(variant: str, config, data, batch: int, steps: int) -> Dict[str, Any]:
     import keras
+
+    if keras.backend.backend() == "jax":
+        return _train_engine(variant, config, data, batch, steps)
 
     from model import DeepSeekV3ForCausalLM
 
@@ -115,6 +159,10 @@ def run(mode: str, include_float32: bool = False) -> Dict[str, Any]:
                  "MLPs, LM head); routed-expert weights are raw einsum kernels and stay bf16."),
         "config": {"model": config.to_dict(), "data": spec.to_dict(), "batch": sizes.fp8_batch,
                    "steps": sizes.fp8_steps, "optimizer": f"AdamW({LEARNING_RATE}, wd=0.01)",
-                   "base_policy": "mixed_bfloat16 for both; float8 = quantize('float8') after build"},
+                   "base_policy": (
+                       "the engine's precision settings (JAX): bf16 = mixed_bfloat16, float8 = "
+                       "float8 on 'auto' (float32 on CPU, mixed_bfloat16 on GPU)"
+                       if results["bf16"].get("step") == "training.engine" else
+                       "mixed_bfloat16 for both; float8 = quantize('float8') after build")},
     }
     return out

@@ -111,7 +111,13 @@ def _json_default(value):
 def _spawn_section(name: str, args, backend: str, timeout_s: float) -> Dict[str, Any]:
     fd, out_path = tempfile.mkstemp(prefix=f"bench_{name.replace(':', '_')}_", suffix=".json")
     os.close(fd)
-    command = [sys.executable, "-m", "benchmarks.run_all", "--section", name,
+    # JAX sections run where the engine runs (its own venv when there is one).
+    python = sys.executable
+    if backend == "jax":
+        from training.launch import engine_python
+
+        python = engine_python()
+    command = [python, "-m", "benchmarks.run_all", "--section", name,
                "--mode", args.mode, "--backend", backend, "--threads", str(args.threads),
                "--section-out", out_path]
     if args.reference_python:
@@ -119,7 +125,8 @@ def _spawn_section(name: str, args, backend: str, timeout_s: float) -> Dict[str,
     if args.skip_reference:
         command += ["--skip-reference", args.skip_reference]
     env = dict(os.environ, KERAS_BACKEND=backend)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                and python == sys.executable else "")
     start = time.time()
     try:
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,

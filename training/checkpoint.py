@@ -188,6 +188,7 @@ class EngineCheckpoints:
             raise ValueError("two model variables share a path")
         self.sizes = (len(model.trainable_variables), len(model.non_trainable_variables))
         self.last: Optional[int] = None  # the last step saved or resumed from
+        self._writer = None  # training.overlap.CheckpointWriter, from the first save
 
     def _flat(self, state) -> list:
         return [x for part in state for x in part]
@@ -227,13 +228,30 @@ class EngineCheckpoints:
         self.log_fn(f"resuming from step {step} ({where})")
         return step, self._split(values)
 
-    def after_step(self, done: int, state) -> None:
-        if done % self.s.checkpoint_every == 0 or done == self.s.train_steps:
-            from training.parallel import to_host
+    def due(self, done: int) -> bool:
+        return done % self.s.checkpoint_every == 0 or done == self.s.train_steps
 
-            self.checkpointer.save(done, dict(zip(self.keys, [to_host(x) for x in self._flat(state)])))
-            self.last = done
-            self.log_fn(f"checkpoint step {done}")
+    def after_step(self, done: int, state) -> None:
+        """At a checkpoint step: the state fetched in one batched transfer
+        (before the next step reuses its buffers), then written by a
+        background thread while training goes on; "checkpoint step N" is
+        logged once it is on disk."""
+        if not self.due(done):
+            return
+        from training.overlap import CheckpointWriter, host_arrays
+
+        if self._writer is None:
+            self._writer = CheckpointWriter(self.checkpointer, self._written)
+        self._writer.save(done, dict(zip(self.keys, host_arrays(self._flat(state)))))
+
+    def _written(self, step: int) -> None:
+        self.last = step
+        self.log_fn(f"checkpoint step {step}")
+
+    def finish(self) -> None:
+        """Waits for the checkpoint being written (re-raising its error)."""
+        if self._writer is not None:
+            self._writer.wait()
 
     def steps(self) -> List[int]:
         return self.checkpointer.steps()

@@ -7,6 +7,11 @@ it feeds numpy batches, checks the loss for NaN/inf every step, and hands
 each step's metrics to `training.metrics` (console lines, history, and the
 records for `metrics_fn`) and its
 state to `training.checkpoint` (atomic, mesh-independent checkpoints).
+The host keeps out of the device's way (`training.overlap`): the next batch
+is read and put on the mesh by a thread while a step runs, step n's metrics
+are fetched (and its loss checked) after step n + 1 is queued, and a
+checkpoint is fetched in one transfer and written by a background thread
+(a checkpoint step is checked before it is saved).
 No TensorFlow is imported.
 """
 
@@ -22,11 +27,12 @@ from training.checkpoint import CheckpointMismatchError, EngineCheckpoints, rela
 from training.expert_parallel import ExpertDispatch, installed
 from training.metrics import TrainingMetrics
 from training.optim import WarmupCosineSchedule, make_optimizer, warmup_cosine_lr
+from training.overlap import BatchPrefetcher
 from training.parallel import MeshError, batch_sharding, global_array, make_distribution, plan_mesh, to_host
 from training.precision import dtype_policy, resolve_precision
 from training.seed import set_seed
 from training.settings import TrainingSettings
-from training.step import build_train_step
+from training.step import build_train_step, training_mla_mode
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,9 +110,10 @@ class Engine:
         mesh = self.distribution.device_mesh.backend_mesh
         self.dispatch = (ExpertDispatch(mesh, s.dispatch_capacity_factor)
                          if len(self.devices) > 1 else None)
+        self.mla_mode = training_mla_mode(config, self.float8)
         self._step_fn = build_train_step(self.model, self.optimizer, config.bias_update_speed,
                                          s.gradient_accumulation, s.record_history, mesh,
-                                         self.dispatch)
+                                         self.dispatch, self.mla_mode)
         self.last_compiled = None  # the step `train` compiled (its HLO: training/hlo.py)
 
     def _lay_out(self) -> None:
@@ -155,8 +162,10 @@ class Engine:
             return self._compile(*self._state(), ids, mask)
 
     def step_runner(self, micro_batches: np.ndarray):
-        """-> (run, compile_seconds): `run()` takes one optimizer step on the
-        same [A, B, S] batch and returns the loss array (benchmarks)."""
+        """-> (run, compile_seconds): `run()` takes one optimizer step of the
+        engine's own step on the same [A, B, S] batch (`run(other)` on
+        another one of that shape) and returns the loss array; `run.sync()`
+        writes the state back into the model (benchmarks)."""
         sharding = batch_sharding(self.distribution, 3)
         ids = global_array(np.asarray(micro_batches, np.int32), sharding)
         state = list(self._state())
@@ -164,11 +173,14 @@ class Engine:
         compiled = self.last_compiled = self.compiled_step(micro_batches)
         compile_seconds = time.perf_counter() - start
 
-        def run():
-            tv, ntv, ov, metrics = compiled(*state, ids, None)
+        def run(other=None):
+            batch = ids if other is None else global_array(np.asarray(other, np.int32), sharding)
+            with dtype_policy(self.policy):
+                tv, ntv, ov, metrics = compiled(*state, batch, None)
             state[:] = [tv, ntv, ov]
             return metrics["loss"]
 
+        run.sync = lambda: self._write_back(*state)
         return run, compile_seconds
 
     def describe(self) -> dict:
@@ -180,7 +192,8 @@ class Engine:
                 "devices": [str(d) for d in self.devices], "num_devices": len(self.devices),
                 "processes": jax.process_count(), "mesh": self.plan.to_dict(),
                 "expert_parallel": s.expert_parallel, "gradient_accumulation": s.gradient_accumulation,
-                "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8}}
+                "precision": {"requested": s.precision, "policy": self.policy, "float8": self.float8},
+                "mla_training_mode": self.mla_mode or "naive"}
 
     def _check_tokens(self, tokens) -> None:
         s, A = self.s, self.s.gradient_accumulation
@@ -223,23 +236,46 @@ class Engine:
         metrics = TrainingMetrics(s, self.moe_names, start_step, self.log_fn, self.metrics_fn)
         end = s.train_steps if stop_after is None else min(s.train_steps, stop_after)
         compiled = None
-        with dtype_policy(self.policy):
-            for step in range(start_step, end):
-                t0 = time.perf_counter()
-                ids = self._batch(tokens, step, sharding)
-                mask = None if padding_mask is None else self._batch(padding_mask, step, sharding)
-                if compiled is None:
-                    compiled = self.last_compiled = self._compile(*state, ids, mask)
-                    _wait_for_all_processes("deepseek_tfx_step_compiled")
-                *state, m = compiled(*state, ids, mask)
-                m = jax.device_get(m)
-                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    # Raised before this step's state can reach a checkpoint.
-                    raise self._diverged(loss, grad_norm, step, checkpoints)
-                metrics.record(step, m, time.perf_counter() - t0)
+
+        def batch(step):  # in the prefetch thread, while the device runs a step
+            return (self._batch(tokens, step, sharding),
+                    None if padding_mask is None else self._batch(padding_mask, step, sharding))
+
+        def check(pending):  # the loss check, one step late: the next step is queued already
+            step, m, t0 = pending
+            m = jax.device_get(m)
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # Raised before this step's state can reach a checkpoint.
                 if checkpoints:
-                    checkpoints.after_step(step + 1, state)
+                    checkpoints.finish()
+                raise self._diverged(loss, grad_norm, step, checkpoints)
+            metrics.record(step, m, time.perf_counter() - t0)
+
+        prefetch = BatchPrefetcher(batch, start_step, end)
+        pending = None  # (step, its metrics on the device, its start time)
+        try:
+            with dtype_policy(self.policy):
+                for step in range(start_step, end):
+                    t0 = time.perf_counter()
+                    ids, mask = prefetch.next(step)
+                    if compiled is None:
+                        compiled = self.last_compiled = self._compile(*state, ids, mask)
+                        _wait_for_all_processes("deepseek_tfx_step_compiled")
+                    *state, m = compiled(*state, ids, mask)
+                    if pending is not None:
+                        check(pending)
+                    pending = (step, m, t0)
+                    if checkpoints and checkpoints.due(step + 1):
+                        check(pending)  # a checkpoint holds checked steps only
+                        pending = None
+                        checkpoints.after_step(step + 1, state)
+                if pending is not None:
+                    check(pending)
+        finally:
+            prefetch.close()
+        if checkpoints:
+            checkpoints.finish()
         summary = metrics.summary(end)
         self._write_back(*state)
         # Steps in which some MoE call overflowed the all-to-all capacity and

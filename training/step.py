@@ -31,8 +31,18 @@ def next_token_ce(logits, token_ids, padding_mask=None):
     return ops.sum(ce * w) / ops.maximum(ops.sum(w), 1.0)
 
 
+def training_mla_mode(config, float8: bool):
+    """The MLA form the step trains with: None, the model's own no-cache form
+    ("naive": per-head keys and values, every projection a Dense call, so
+    float8 quantizes W_kvb too). Measured (benchmarks/README.md, "Where the
+    step's time goes"): the absorbed form's attention forward + backward
+    took 1.23x (mini) and 1.18x (train_vs_reference) the naive one's."""
+    del config, float8
+    return None
+
+
 def build_train_step(model, optimizer, bias_update_speed: float, accumulation: int,
-                     record_history: bool, mesh, dispatch=None):
+                     record_history: bool, mesh, dispatch=None, mla_mode=None):
     """-> jit(step)(tv, ntv, ov, ids, mask) -> (tv, ntv, ov, metrics), the
     state donated and its output shardings those of the variables now
     (model.trainable / non_trainable variables, optimizer.variables), the
@@ -40,7 +50,8 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
     layer load, dropped, bias (and micro_load with record_history),
     dispatch_overflow (the extra all-to-all rounds of `dispatch`,
     training.expert_parallel.ExpertDispatch, installed on the MoE layers
-    while the step is traced)."""
+    while the step is traced). `mla_mode`: the MLA form of the forward pass
+    (`training_mla_mode`; None: the model's default)."""
     import jax
     from keras import ops
 
@@ -60,7 +71,7 @@ def build_train_step(model, optimizer, bias_update_speed: float, accumulation: i
         if dispatch is not None:
             dispatch.start()
         logits, ntv, losses = model.stateless_call(tv, ntv, inputs, training=True,
-                                                   return_losses=True)
+                                                   return_losses=True, mode=mla_mode)
         # Extra all-to-all rounds of this micro-batch (capacity overflows).
         overflow = sum(dispatch.collect()) if dispatch is not None else 0
         ce = next_token_ce(logits, ids, mask)
