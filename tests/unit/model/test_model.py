@@ -111,7 +111,7 @@ def test_balance_bias_moves_by_gamma_under_mixed_bfloat16(rng):
     bias.assign(np.full(4, 0.6, "float32"))
     moe = model.decoder_layers[1].mlp
     model(_ids(rng, model.config, batch=4, seq=16), training=True)
-    np.testing.assert_array_equal(np.asarray(bias), 0.6)  # the forward leaves it alone
+    np.testing.assert_array_equal(np.asarray(bias), np.float32(0.6))  # the forward leaves it alone
     moe.apply_bias_update(moe.expert_load)  # the trainer's once-per-step update
     value = np.asarray(bias)
     assert value.dtype == np.float32
