@@ -93,7 +93,10 @@ def test_two_concurrent_runs_on_one_new_database_both_push(two_runs):
     pushed = [a for a in info["artifacts"] if a["type"] == "PushedModel" and a["properties"]["pushed"] == 1]
     assert len(pushed) == 2
     states = [e["state"] for e in info["executions"]]
-    assert states.count("COMPLETE") == len(states), states
+    # Two runs sharing one store may reuse each other's identical executions
+    # (TFX's cache); none may fail or be left running.
+    assert set(states) <= {"COMPLETE", "CACHED"}, states
+    assert states.count("COMPLETE") >= len(states) // 2, states
     for run_dir in two_runs["dirs"]:
         assert not os.path.exists(run_dir / "metadata.sqlite")  # nothing went to SQLite
         assert len(os.listdir(run_dir / "serving")) == 1
