@@ -112,6 +112,16 @@ def _request_checks(config, token_ids, padding_mask, max_new_tokens, temperature
     ]
 
 
+def sampling_specs():
+    """The scalar sampling inputs shared by `generate` and `generate_text`."""
+    return [tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+            tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([], tf.int32, name="top_k"),
+            tf.TensorSpec([], tf.float32, name="top_p"),
+            tf.TensorSpec([], tf.int32, name="eos_id"),
+            tf.TensorSpec([], tf.int32, name="seed")]
+
+
 def generate_fn(model):
     from model.generation import decode_loop
 
@@ -145,12 +155,7 @@ def export_saved_model(model, seq_len: int, export_dir: str, tokenizer_proto: by
         input_signature=[
             tf.TensorSpec([None, None], tf.int32, name="token_ids"),
             tf.TensorSpec([None, None], tf.int32, name="padding_mask"),
-            tf.TensorSpec([], tf.int32, name="max_new_tokens"),
-            tf.TensorSpec([], tf.float32, name="temperature"),
-            tf.TensorSpec([], tf.int32, name="top_k"),
-            tf.TensorSpec([], tf.float32, name="top_p"),
-            tf.TensorSpec([], tf.int32, name="eos_id"),
-            tf.TensorSpec([], tf.int32, name="seed"),
+            *sampling_specs(),
         ])
     if tokenizer_proto:
         from components.text_export import add_generate_text

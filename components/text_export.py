@@ -67,6 +67,7 @@ def generate_text_fn(model, tokenizer, start_id: int):
 def add_generate_text(archive, model, model_proto: bytes) -> None:
     """Adds ``generate_text`` (and the tokenizer it tracks) to a Keras
     ExportArchive that already tracks `model`."""
+    from components.export import sampling_specs
     from data.text_tokenizer import describe
 
     info = describe(model_proto)
@@ -76,10 +77,5 @@ def add_generate_text(archive, model, model_proto: bytes) -> None:
         SIGNATURE, generate_text_fn(model, tokenizer, info.eos_id),
         input_signature=[
             tf.TensorSpec([None], tf.string, name="prompts"),
-            tf.TensorSpec([], tf.int32, name="max_new_tokens"),
-            tf.TensorSpec([], tf.float32, name="temperature"),
-            tf.TensorSpec([], tf.int32, name="top_k"),
-            tf.TensorSpec([], tf.float32, name="top_p"),
-            tf.TensorSpec([], tf.int32, name="eos_id"),
-            tf.TensorSpec([], tf.int32, name="seed"),
+            *sampling_specs(),
         ])
