@@ -107,10 +107,14 @@ def test_latest_pushed_version_is_the_newest_complete_one(tmp_path):
 
     serving = tmp_path / "serving"
     assert latest_pushed_version(str(serving)) is None
-    for version, complete in ((100, True), (300, False), (200, True)):
-        os.makedirs(serving / str(version))
-        if complete:
-            (serving / str(version) / "saved_model.pb").write_bytes(b"")
+    # 300 is newer but half-copied: its second data shard never arrived.
+    for version, shards in ((100, (0, 1)), (300, (0,)), (200, (0, 1))):
+        variables = serving / str(version) / "variables"
+        os.makedirs(variables)
+        (serving / str(version) / "saved_model.pb").write_bytes(b"")
+        (variables / "variables.index").write_bytes(b"")
+        for shard in shards:
+            (variables / f"variables.data-{shard:05d}-of-00002").write_bytes(b"")
     (serving / "notes").mkdir()
     assert latest_pushed_version(str(serving)) == (200, str(serving / "200"))
 
