@@ -28,7 +28,10 @@ def _settings_from_args(args):
 
     from pipeline.settings import PipelineSettings
 
-    values = {"run_dir": args.run_dir, "preset": args.preset, "data_kind": args.data,
+    if args.base_model and args.preset:
+        raise ValueError("--preset and --base-model: the base model's config.json is the model; give one")
+    values = {"run_dir": args.run_dir, "preset": args.preset or PipelineSettings.preset,
+              "base_model": args.base_model, "data_kind": args.data,
               "seq_len": args.seq_len, "train_examples": args.train_examples,
               "eval_examples": args.eval_examples, "train_steps": args.steps,
               "batch_size": args.batch_size, "learning_rate": args.learning_rate,
@@ -287,8 +290,11 @@ def _add_settings_args(p) -> None:
     from model.checks import PRECISIONS
     from pipeline.settings import PipelineSettings as D  # the defaults are the settings'
 
-    p.add_argument("--preset", default=D.preset)
+    p.add_argument("--preset", help=f"model size (default {D.preset})")
     p.add_argument("--model-overrides", help='JSON of config fields, e.g. \'{"num_hidden_layers": 2}\'')
+    p.add_argument("--base-model", help="fine-tune from this Hugging Face DeepSeek-V3 directory (config.json + "
+                                        "*.safetensors, or a pushed version of an earlier run): the model is "
+                                        "its config; overrides that change a weight shape are refused")
     p.add_argument("--data", default=D.data_kind, help="uniform | zipf | markov | copy | mixture")
     p.add_argument("--data-params", help='JSON generator parameters, e.g. \'{"order": 2}\'')
     p.add_argument("--seq-len", type=int, default=D.seq_len)

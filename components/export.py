@@ -137,6 +137,31 @@ def generate_fn(model):
     return generate
 
 
+def export_hf_checkpoint(model, export_dir: str, log_fn=print) -> list:
+    """config.json + model.safetensors (model.hf_export) into `export_dir`,
+    beside the SavedModel, so the pushed version is a base model too;
+    -> the file names written ([] for a model that layout cannot hold)."""
+    import shutil
+    import tempfile
+
+    from model.hf_export import ExportError, save_hf_checkpoint
+
+    local = tempfile.mkdtemp(prefix="deepseek-tfx-hf-")
+    try:
+        try:
+            save_hf_checkpoint(model, local)
+        except ExportError as e:
+            log_fn(f"trainer: no Hugging Face copy of the weights: {e}")
+            return []
+        names = sorted(os.listdir(local))
+        tf.io.gfile.makedirs(export_dir)
+        for name in names:  # tf.io.gfile: export_dir may be a remote URI
+            tf.io.gfile.copy(os.path.join(local, name), os.path.join(export_dir, name), overwrite=True)
+        return names
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def export_saved_model(model, seq_len: int, export_dir: str, tokenizer_proto: bytes = None) -> str:
     """Writes the SavedModel of `model` (the signatures above) to `export_dir`;
     with the SentencePiece `tokenizer_proto` of a run on text also

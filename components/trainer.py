@@ -13,6 +13,10 @@ What it does, in order:
    the curated schema, seeded shuffle. The first training batch is read here
    (an empty split fails before the engine starts); the eval batches are
    read whole (eval_steps of them).
+   With a `base_model` input (the pipeline's Importer of --base-model) its
+   directory (a Hugging Face DeepSeek-V3 checkpoint, model.base_model) is
+   checked against the model config before any data is read, and the
+   engine starts from its weights.
 3. Runs `python -m training.worker` with KERAS_BACKEND=jax and streams the
    `train_steps x gradient_accumulation` training batches to its stdin as
    they come out of tf.data (a writer thread, `training.launch.BatchFeeder`;
@@ -28,7 +32,9 @@ What it does, in order:
    `fn_args.eval_files` (`model.evaluation`), adds the eval metrics to the
    TensorBoard events, and exports under the model artifact uri:
    `keras/model.keras`, `training_summary.json`, and the SavedModel
-   (`serving_default`, `generate`; `components.export`) in serving_model_dir.
+   (`serving_default`, `generate`; `components.export`) in serving_model_dir,
+   with the weights beside it in the Hugging Face layout (`config.json`,
+   `model.safetensors`; model.hf_export): a pushed version is a base model.
 """
 
 from __future__ import annotations
@@ -106,6 +112,26 @@ def _close_quietly(events) -> None:
         pass
 
 
+def base_model_of(fn_args, config):
+    """The `model.base_model.BaseModel` of the Trainer's `base_model` input
+    (None without one), checked to hold every weight of `config`. TFX hands
+    `<artifact uri>/Format-Serving`; an imported checkpoint directory is the
+    artifact uri itself."""
+    from model.base_model import BaseModel, BaseModelError
+
+    path = getattr(fn_args, "base_model", None)
+    if not path:
+        return None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        path = model_artifact_uri(path)
+    try:
+        base = BaseModel.read(path)
+        base.check_fits(config)
+    except BaseModelError as e:
+        raise TrainerConfigError(f"base_model: {e}") from None
+    return base
+
+
 # ----------------------------------------------------------------- run_fn
 def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     """TFX entry point (log_fn exists for tests and scripts). Returns the
@@ -140,6 +166,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         fetched = mirror.fetch_latest()
         if fetched is not None:
             log_fn(f"trainer: fetched checkpoint step {fetched} from {t.checkpoint_dir}")
+    base = base_model_of(fn_args, config)
     micro_batches = train_steps * t.gradient_accumulation
     train_batches = stream_batches(fn_args, settings, fn_args.train_files, micro_batches)
     eval_tokens = None
@@ -156,6 +183,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         # The engine checkpoints locally (mirrored when the URI is remote).
         "engine": t.replace(checkpoint_dir=engine_checkpoints).to_dict(),
         "data_identity": data_identity(fn_args.train_files),
+        "base_model": {"path": base.path, "identity": base.identity} if base else None,
         "tokens": "stdin",  # the batches of train_batches, in order
         "output_dir": os.path.join(workdir, "out"),
     }
@@ -203,6 +231,7 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
     keras_path = export.save_keras_model(inference, os.path.join(artifact, KERAS_MODEL_PATH))
     export.export_saved_model(inference, settings.seq_len, fn_args.serving_model_dir,
                               tokenizer_proto=examples_tokenizer(fn_args.train_files))
+    hf_files = export.export_hf_checkpoint(inference, fn_args.serving_model_dir, log_fn)
 
     history = engine["loss_history"]
     last = history[-1] if history else {}
@@ -246,6 +275,9 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "checkpoint_steps": mirror.remote_steps() if mirror else engine["checkpoint_steps"],
         "checkpoint_mirror_seconds": mirror.seconds if mirror else None,
         "keras_model": keras_path,
+        "base_model": ({"path": base.path, "identity": base.identity,
+                        "mtp_layers": config.num_nextn_predict_layers} if base else None),
+        "hf_checkpoint_files": hf_files,
         "serving_model_dir": fn_args.serving_model_dir,
         "tensorboard_dir": fn_args.model_run_dir,
         "metrics_file": os.path.join(fn_args.model_run_dir, METRICS_FILE),

@@ -199,6 +199,23 @@ def _load_block(a: _Assigner, block, prefix: str, config: DeepSeekV3Config) -> N
         _load_mlp(a, block.mlp, prefix + ".mlp")
 
 
+def read_hf_config(path: str) -> dict:
+    """The parsed `config.json` of a checkpoint directory; CheckpointError
+    (one line naming the file) when it is missing or does not parse."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{config_path}: not found (a Hugging Face checkpoint directory "
+                              f"holds config.json and *.safetensors)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path}: must hold a JSON object, got {type(hf).__name__}")
+    return hf
+
+
 def load_hf_checkpoint(path: str, load_mtp: bool = False, **config_overrides):
     """Builds our model from a Hugging Face DeepSeek-V3 checkpoint directory.
 
@@ -207,17 +224,23 @@ def load_hf_checkpoint(path: str, load_mtp: bool = False, **config_overrides):
     """
     from .deepseek_v3 import DeepSeekV3ForCausalLM  # keras import only when used
 
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{path}: no config.json")
-    with open(config_path) as f:
-        hf = json.load(f)
+    hf = read_hf_config(path)
     if load_mtp:
         config_overrides.setdefault("num_nextn_predict_layers", hf.get("num_nextn_predict_layers", 0))
-    config = config_from_hf(hf, **config_overrides)
+    model = DeepSeekV3ForCausalLM(config_from_hf(hf, **config_overrides))
+    load_weights(model, path, hf)
+    return model
+
+
+def load_weights(model, path: str, hf: dict = None) -> None:
+    """Fills an existing `DeepSeekV3ForCausalLM` from the checkpoint at
+    `path` (each *.safetensors file read in turn). Every model variable must
+    be filled and every tensor used, except MTP layers beyond the model's
+    own `num_nextn_predict_layers`; CheckpointError otherwise."""
+    hf = read_hf_config(path) if hf is None else hf
+    config = model.config
     block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     tensors = read_state_dict(path, block)
-    model = DeepSeekV3ForCausalLM(config)
     a = _Assigner(tensors)
 
     a.assign(model.embed_tokens.embeddings, a.take("model.embed_tokens.weight"), "model.embed_tokens.weight")
@@ -238,14 +261,15 @@ def load_hf_checkpoint(path: str, load_mtp: bool = False, **config_overrides):
         a.used.update(key for key in tensors if key.startswith(prefix + ".embed_tokens")
                       or key.startswith(prefix + ".shared_head.head"))
 
+    kept_layers = config.num_hidden_layers + len(model.mtp_modules)
     mtp_prefix = re.compile(r"model\.layers\.(\d+)\.")
     unused = []
     for key in tensors:
         if key in a.used or key.endswith("rotary_emb.inv_freq"):
             continue
         match = mtp_prefix.match(key)
-        if match and int(match.group(1)) >= config.num_hidden_layers and not load_mtp:
-            continue  # MTP layers present but not requested
+        if match and int(match.group(1)) >= kept_layers:
+            continue  # MTP layers present but not kept by the model
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if ".shared_experts." in key and tensors[key].size == 0:
@@ -258,4 +282,3 @@ def load_hf_checkpoint(path: str, load_mtp: bool = False, **config_overrides):
                if id(v) not in a.filled and v.path.split("/")[-1] not in stats]
     if missing:
         raise CheckpointError(f"{path}: model variables not in the checkpoint: {missing[:10]}")
-    return model

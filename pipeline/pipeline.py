@@ -3,7 +3,8 @@
     ExampleGen (synthetic, or ImportExampleGen over your TFRecords)
       -> StatisticsGen -> ExampleValidator (against CuratedSchemaGen's schema)
       -> DataValidationGate (stops the run on any anomaly or empty split)
-      -> Trainer (components.trainer.run_fn)
+      -> Trainer (components.trainer.run_fn; with --base-model an Importer
+         puts that directory into ML Metadata as a Model: its `base_model`)
       -> Evaluator (TFMA over the eval split; baseline: the latest blessed
          model, or on open-source KFP the latest pushed one) -> ModelBlessing
       -> IntegrationValidator (the checks TFMA cannot do)  -> InfraBlessing
@@ -30,6 +31,7 @@ from pipeline.settings import PipelineSettings
 
 TRAINER_RUN_FN = "components.trainer.run_fn"
 BASELINE_RESOLVER_ID = "latest_blessed_model_resolver"
+BASE_MODEL_IMPORTER_ID = "base_model_importer"
 #: Where the Evaluator's baseline comes from: the latest model TFMA blessed
 #: (TFX's Resolver; needs an orchestrator that runs Resolver nodes: the local
 #: runner, Vertex AI Pipelines), the latest version the Pusher wrote to the
@@ -96,10 +98,20 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
     data_gate = DataValidationGate(anomalies=example_validator.outputs["anomalies"],
                                    statistics=statistics_gen.outputs["statistics"])
 
+    base_nodes, base_model = [], None
+    if s.base_model:
+        # The checkpoint directory as a Model artifact (TFX's Importer: no
+        # copy; the artifact records its uri and identity digest).
+        importer = tfx.dsl.Importer(
+            source_uri=s.base.path, artifact_type=tfx.types.standard_artifacts.Model,
+            custom_properties={"base_model_identity": s.base.identity},
+        ).with_id(BASE_MODEL_IMPORTER_ID)
+        base_nodes, base_model = [importer], importer.outputs["result"]
     trainer = tfx.components.Trainer(
         run_fn=TRAINER_RUN_FN,
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],
+        base_model=base_model,
         train_args=tfx.proto.TrainArgs(num_steps=s.train_steps),
         eval_args=tfx.proto.EvalArgs(num_steps=s.eval_steps),
         custom_config=s.trainer_custom_config())
@@ -132,7 +144,7 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=s.path("serving"))))
 
     components = [*(tokenizer_nodes or [example_gen]), statistics_gen, schema_gen, example_validator, data_gate,
-                  trainer, *baseline_nodes, evaluator, checks, pusher]
+                  *base_nodes, trainer, *baseline_nodes, evaluator, checks, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=s.pipeline_name,
         pipeline_root=pipeline_root or s.path("pipeline_root"),

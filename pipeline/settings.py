@@ -27,9 +27,13 @@ class SettingsError(ValueError):
 class PipelineSettings:
     run_dir: str = "runs/default"
     pipeline_name: str = "deepseek-tfx"
-    # Model: a preset plus field overrides (validated as a DeepSeekV3Config).
+    # Model: a preset plus field overrides (validated as a DeepSeekV3Config),
+    # or a base model to fine-tune: a Hugging Face DeepSeek-V3 directory
+    # (model.base_model) whose config.json is the model's (the preset is not
+    # used; an override that changes a weight shape is refused).
     preset: str = "mini"
     model_overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    base_model: Optional[str] = None
     # Data: the synthetic generator, or the user's own TFRecords.
     data_kind: str = "markov"
     data_params: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"order": 1, "temperature": 0.5})
@@ -78,6 +82,8 @@ class PipelineSettings:
     checkpoint_root: Optional[str] = None
 
     def __post_init__(self):
+        if self.base_model is not None:
+            self.base  # reads config.json and the safetensors headers
         try:
             training = self._training()
         except TrainingSettingsError as e:
@@ -120,20 +126,46 @@ class PipelineSettings:
 
     # ----------------------------------------------------------- derived
     @property
+    def base(self):
+        """The `model.base_model.BaseModel` of a fine-tune, else None."""
+        if self.base_model is None:
+            return None
+        cached = self.__dict__.get("_base")
+        if cached is None or cached[0] != self.base_model:
+            from model.base_model import BaseModel, BaseModelError
+
+            try:
+                cached = (self.base_model, BaseModel.read(self.base_model))
+            except BaseModelError as e:
+                raise SettingsError(str(e)) from None
+            object.__setattr__(self, "_base", cached)  # read once per settings object
+        return cached[1]
+
+    @property
     def text_data(self):
-        """The validated `TextData` of a run on text, else None."""
+        """The validated `TextData` of a run on text, else None. With a base
+        model the tokenizer is its own SentencePiece model when it brings
+        one (and none is given), else one trained to its vocabulary size."""
         if self.text_dir is None:
             return None
         from pipeline.text_data import TextData, TextSettingsError
 
+        vocab_size, tokenizer_file = self.vocab_size, self.tokenizer_file
+        base = self.base
+        if base is not None and vocab_size is None and not tokenizer_file:
+            tokenizer_file = base.tokenizer_file
+            if tokenizer_file is None:
+                vocab_size = base.model_config(self.model_overrides).vocab_size
         try:
-            return TextData(self.text_dir, self.vocab_size, self.tokenizer_file, self.text_eval_fraction)
+            return TextData(self.text_dir, vocab_size, tokenizer_file, self.text_eval_fraction)
         except TextSettingsError as e:
             raise SettingsError(str(e)) from None
 
     @property
     def model_config(self) -> DeepSeekV3Config:
         overrides = dict(self.model_overrides)
+        if self.base_model is not None:
+            return self._base_model_config(overrides)
         if self.text_dir is not None:  # the tokenizer's vocabulary is the model's
             vocab = self.text_data.resolved_vocab_size
             if overrides.get("vocab_size", vocab) != vocab:
@@ -144,6 +176,22 @@ class PipelineSettings:
             return get_preset(self.preset, **overrides)
         except (TypeError, ConfigError) as e:
             raise SettingsError(f"model: {e}") from None
+
+    def _base_model_config(self, overrides) -> DeepSeekV3Config:
+        from model.base_model import BaseModelError
+
+        base = self.base
+        try:
+            config = base.model_config(overrides)
+        except BaseModelError as e:
+            raise SettingsError(str(e)) from None
+        if self.text_dir is not None:  # every token id of the data must be a row of the embedding
+            vocab = self.text_data.resolved_vocab_size
+            if vocab > config.vocab_size:
+                raise SettingsError(f"base_model: its vocabulary ({config.vocab_size} ids, "
+                                    f"{base.config_file}) is smaller than the tokenizer's {vocab}: "
+                                    f"the data's token ids would not fit")
+        return config
 
     @property
     def data_spec(self):
@@ -193,7 +241,10 @@ class PipelineSettings:
                           "data": None if self.examples_dir or self.text_dir else self.data_spec.to_dict(),
                           "text": self.text_data.identity() if self.text_dir else None,
                           "examples_dir": self.examples_dir,
-                          "n": [self.train_examples, self.eval_examples]}, sort_keys=True)
+                          "n": [self.train_examples, self.eval_examples],
+                          # (only when set: runs without one keep their directories)
+                          **({"base_model": self.base.identity} if self.base_model else {})},
+                         sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "PipelineSettings":

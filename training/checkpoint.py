@@ -121,11 +121,18 @@ class Checkpointer:
         return arrays
 
 
+#: How a change of these fingerprint keys is named.
+_LABELS = {"base_model_identity": "base model (the checkpoint training started from)"}
+
+
 def fingerprint_changes(saved: dict, current: dict, prefix: str = "") -> List[str]:
     """'key: old -> new' for every leaf that differs (nested dicts walked)."""
     changes = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
+        if key in _LABELS and old != new:
+            changes.append(f"{_LABELS[key]}: {old!r} -> {new!r}")
+            continue
         if isinstance(old, dict) and isinstance(new, dict) and key != "base_model":
             changes += fingerprint_changes(old, new, f"{prefix}{key}.")
         elif old != new:

@@ -57,10 +57,14 @@ class Engine:
 
     def __init__(self, config, settings: TrainingSettings, devices=None,
                  log_fn: Callable[[str], None] = print, data_identity: Optional[str] = None,
-                 metrics_fn: Optional[Callable[[dict], None]] = None):
+                 metrics_fn: Optional[Callable[[dict], None]] = None,
+                 base_model: Optional[dict] = None):
         """`data_identity`: the caller's identity of the training data (the
         Trainer adapter hashes its files), part of the checkpoint fingerprint.
-        `metrics_fn`: gets each interval's record (the Trainer's live TensorBoard)."""
+        `metrics_fn`: gets each interval's record (the Trainer's live TensorBoard).
+        `base_model`: {"path", "identity"} of a Hugging Face checkpoint
+        directory (model.base_model) whose weights training starts from;
+        its identity is part of the fingerprint."""
         import jax
         import keras
 
@@ -81,6 +85,12 @@ class Engine:
         with dtype_policy(self.policy):
             set_seed(s.seed)
             self.model = DeepSeekV3ForCausalLM(config)
+            if base_model is not None:  # before float8: the scales start from these weights
+                from model.hf_checkpoint import load_weights
+
+                load_weights(self.model, base_model["path"])
+                log_fn(f"engine: starting from the base model {base_model['path']} "
+                       f"(identity {base_model.get('identity')})")
             if self.float8:
                 self.model.quantize("float8")
             self.schedule = WarmupCosineSchedule(s.learning_rate, s.warmup_steps, s.train_steps)
@@ -97,6 +107,7 @@ class Engine:
         # Stored in every checkpoint; a resume under any other value is refused.
         self.fingerprint = {
             "base_model": config.to_dict(),
+            "base_model_identity": base_model.get("identity") if base_model else None,
             "data": {"identity": data_identity, "seq_len": s.seq_len, "batch_size": s.batch_size,
                      "gradient_accumulation": s.gradient_accumulation, "seed": s.seed},
             "optimizer": {"name": "adamw", "learning_rate": s.learning_rate,

@@ -12,7 +12,9 @@ or by hand on a machine with JAX and no TensorFlow. SPEC:
      "save_weights": true, "stop_after": null, "report_shardings": false,
      "report_collectives": false,    # the compiled step's collectives (training/hlo.py)
      "logits_for": "<.npy [N, S] int32>" | null,  # -> output_dir/logits.npy
-     "data_identity": str | null}   # part of the checkpoint fingerprint
+     "data_identity": str | null,   # part of the checkpoint fingerprint
+     "base_model": {"path": "<HF checkpoint dir>", "identity": str} | null}
+                                    # start from those weights (model.base_model)
 
 "logits_for": after training, the model's float32 logits for those token
 rows, from the engine's own weights in this process (the check that the
@@ -50,6 +52,7 @@ ENGINE_ERROR_PREFIX = "engine error:"
 
 def named_error(error: BaseException):
     """The one-line account of an error the engine knows, or None."""
+    from model.hf_checkpoint import CheckpointError
     from training.checkpoint import CheckpointMismatchError
     from training.parallel import MeshError
 
@@ -58,6 +61,8 @@ def named_error(error: BaseException):
         return f"the device mesh cannot run this training: {text}"
     if isinstance(error, CheckpointMismatchError):
         return f"the checkpoint does not fit this training: {text}"
+    if isinstance(error, CheckpointError):
+        return f"the base model does not fit this model: {text}"
     if isinstance(error, EOFError):
         return f"the training batches ended early: {text}"
     if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
@@ -142,7 +147,7 @@ def _main(argv=None) -> int:
         log(METRICS_PREFIX + json.dumps(json_safe(record)))
 
     engine = Engine(config, settings, devices=devices, log_fn=log, data_identity=spec.get("data_identity"),
-                    metrics_fn=report)
+                    metrics_fn=report, base_model=spec.get("base_model"))
     log(f"engine: {config.num_hidden_layers} layers, vocab {config.vocab_size}, seq_len "
         f"{settings.seq_len}, batch {settings.batch_size} x {settings.gradient_accumulation} "
         f"accumulation, {settings.train_steps} steps on {len(devices)} {engine.platform} "

@@ -75,7 +75,7 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=f"lacks tensor {key}"):
         load_hf_checkpoint(str(target))
     os.remove(target / "config.json")
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="config.json: not found"):
         load_hf_checkpoint(str(target))
 
 
