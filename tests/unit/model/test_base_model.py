@@ -123,6 +123,23 @@ def test_a_vocabulary_smaller_than_the_tokenizers_fails_before_anything_runs(tmp
         _settings(tmp_path, text_dir=str(text), vocab_size=512)
 
 
+def test_a_pushed_models_tokenizer_is_the_text_runs_and_its_ids_are_checked(tmp_path):
+    """Our export of a run on text keeps its SentencePiece model in
+    assets.extra/: a fine-tune on text uses it (here: 400 ids, too many for
+    the 64-row embedding, refused)."""
+    from data import text_corpus, text_tokenizer
+    from pipeline.settings import SettingsError
+
+    kjv = os.path.join(HF, "..", "text", "kjv")
+    d = _copy(tmp_path)
+    (d / "assets.extra").mkdir()
+    lines = text_corpus.iter_lines(kjv, text_corpus.list_documents(kjv)[:2])
+    (d / "assets.extra" / "tokenizer.model").write_bytes(text_tokenizer.train_bpe(lines, 400))
+    assert BaseModel.read(str(d)).tokenizer_file == str(d / "assets.extra" / "tokenizer.model")
+    with pytest.raises(SettingsError, match=r"^base_model: its vocabulary \(64 ids, .*smaller than the tokenizer's 400"):
+        _settings(tmp_path, base_model=str(d), text_dir=kjv)
+
+
 def test_the_cli_refuses_a_preset_beside_a_base_model(tmp_path):
     import argparse
 
