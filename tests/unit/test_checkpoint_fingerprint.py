@@ -59,3 +59,20 @@ def test_a_run_killed_in_its_first_save_cannot_lend_its_fingerprint(tmp_path):
     assert json.loads((tmp_path / STATE_FILE).read_text()) == other
     with pytest.raises(CheckpointMismatchError, match="optimizer.learning_rate: 0.01 -> 0.003"):
         Checkpointer(str(tmp_path), _setup()).check_fingerprint(10)
+
+
+@pytest.mark.parametrize("saved, current", [(None, "aa94b6f67bd849b46eb8"),
+                                            ("aa94b6f67bd849b46eb8", "9a4ff114f33e13e5b708")])
+def test_a_checkpoint_of_another_base_model_is_refused_naming_it(tmp_path, saved, current):
+    """From random weights (no identity; older checkpoints lack the key) or
+    from another base: refused, in words."""
+    setup = _setup()
+    if saved is not None:
+        setup["base_model_identity"] = saved
+    Checkpointer(str(tmp_path), setup).save(5, _arrays())
+    with pytest.raises(CheckpointMismatchError,
+                       match=rf"changed: base model \(the checkpoint training started from\): "
+                             rf"{saved!r} -> '{current}'"):
+        Checkpointer(str(tmp_path), dict(_setup(), base_model_identity=current)).check_fingerprint(5)
+    # The same base resumes.
+    Checkpointer(str(tmp_path), dict(_setup(), base_model_identity=saved)).check_fingerprint(5)
