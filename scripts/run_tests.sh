@@ -20,7 +20,7 @@ ENGINE_TESTS=(tests/unit/model tests/integration/test_engine.py tests/integratio
 pytest_in() {  # pytest_in PYTHON ARGS...
   local python="$1" rc=0
   shift
-  "$python" -m pytest -p no:cacheprovider -q "$@" || rc=$?
+  "$python" -m pytest -p no:cacheprovider -q --durations=25 "$@" || rc=$?
   [[ $rc -eq 0 || $rc -eq 5 ]] || exit "$rc"
 }
 

@@ -336,16 +336,20 @@ def test_killed_run_resumes_like_the_uninterrupted_run_and_its_curves(tmp_path, 
     killed = threading.Event()
     stream = trainer.stream_batches
 
-    def held_stream(*args, **kwargs):  # step 16's batch waits until the engine is gone
+    # Step 19's batch waits until the engine is gone, so no step past 18 (and
+    # no checkpoint past 10) can happen. The hold is a few batches past step
+    # 15: the loop reads ahead and logs a step one step late, so holding step
+    # 16's batch would hold the "step 15" line too, until the wait timed out.
+    def held_stream(*args, **kwargs):
         batches = stream(*args, **kwargs)
 
-        def first_16():
+        def first_18():
             for index, batch in enumerate(batches):
-                if index == 16:
+                if index == 18:
                     killed.wait(300)
                     return
                 yield batch
-        return first_16()
+        return first_18()
 
     def kill_after_step_15(line):
         if line.startswith("step 15/20"):
