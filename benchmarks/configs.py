@@ -149,3 +149,13 @@ def train_config(mode: str) -> DeepSeekV3Config:
         q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
         n_group=4, topk_group=2, first_k_dense_replace=1)
+
+
+def profile_config(name: str):
+    """(config, batch, seq_len) a profile runs: `train_vs_reference`'s own
+    config and shape, or a preset at batch 32 x seq 64 (the mini step)."""
+    if name == "train_vs_reference":
+        return train_config("quick"), SIZES["quick"].train_batch, SIZES["quick"].train_seq_len
+    from model import get_preset
+
+    return get_preset(name), 32, 64

@@ -79,8 +79,7 @@ def main(argv=None) -> int:
     common.configure("jax")
     import numpy as np
 
-    from benchmarks.configs import SIZES, train_config
-    from model import get_preset
+    from benchmarks.configs import profile_config
     from training.engine import Engine
     from training.settings import TrainingSettings
 
@@ -89,11 +88,7 @@ def main(argv=None) -> int:
                         help="a preset name or 'train_vs_reference'")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
-    if args.config == "train_vs_reference":
-        config = train_config("quick")
-        batch, seq_len = SIZES["quick"].train_batch, SIZES["quick"].train_seq_len
-    else:
-        config, batch, seq_len = get_preset(args.config), 32, 64
+    config, batch, seq_len = profile_config(args.config)
     engine = Engine(config, TrainingSettings(batch_size=batch, seq_len=seq_len,
                                              train_steps=args.steps + 3), log_fn=lambda line: None)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq_len))

@@ -164,8 +164,7 @@ def _table(result: Dict[str, Any]) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.configs import SIZES, train_config
-    from model import get_preset
+    from benchmarks.configs import profile_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="mini", help="a preset name or 'train_vs_reference'")
@@ -174,11 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    if args.config == "train_vs_reference":
-        config = train_config("quick")
-        batch, seq_len = SIZES["quick"].train_batch, SIZES["quick"].train_seq_len
-    else:
-        config, batch, seq_len = get_preset(args.config), 32, 64
+    config, batch, seq_len = profile_config(args.config)
     load_before = [round(x, 2) for x in os.getloadavg()]
     result = profile(config, args.batch or batch, args.seq_len or seq_len, args.repeats)
     result["loadavg_before"] = load_before

@@ -101,14 +101,14 @@ _WHOLE_FILE_BYTES = 16 << 20
 _WINDOWS, _WINDOW = 8, 64 << 10
 
 
-def _digest_file(digest, file: str) -> None:
+def _digest_file(digest, file: str, data_start: int) -> None:
+    """`data_start`: where the file's data section begins (read_header)."""
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         if size <= _WHOLE_FILE_BYTES:
             for chunk in iter(lambda: f.read(_WINDOW), b""):
                 digest.update(chunk)
             return
-        _, data_start = read_header(file)
         digest.update(f.read(data_start))
         step = (size - data_start - _WINDOW) // (_WINDOWS - 1)
         for i in range(_WINDOWS):
@@ -145,11 +145,11 @@ class BaseModel:
         shapes: Dict[str, Tuple[int, ...]] = {}
         for file in files:
             try:
-                header, _ = read_header(file)
+                header, data_start = read_header(file)
             except SafetensorsError as e:
                 raise BaseModelError(str(e)) from None
             digest.update(f"\0{os.path.basename(file)}\0{os.path.getsize(file)}\0".encode())
-            _digest_file(digest, file)
+            _digest_file(digest, file, data_start)
             for name, info in header.items():
                 if name in shapes:
                     raise BaseModelError(f"{file}: tensor {name} appears in more than one shard")

@@ -23,7 +23,7 @@ from .config import ConfigError, DeepSeekV3Config
 from .safetensors_io import iter_tensors
 
 # HF config keys that map one to one onto DeepSeekV3Config fields.
-_DIRECT_KEYS = (
+DIRECT_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
     "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
     "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -54,7 +54,7 @@ class CheckpointError(ValueError):
 def config_from_hf(hf: dict, **overrides) -> DeepSeekV3Config:
     """Translates a Hugging Face DeepSeek-V3 config dict into our config."""
     values = {key: hf[key] if hf.get(key) is not None else _HF_DEFAULTS[key]
-              for key in _DIRECT_KEYS}
+              for key in DIRECT_KEYS}
     if "q_lora_rank" in hf:
         values["q_lora_rank"] = hf["q_lora_rank"]  # None is meaningful: no query LoRA
     shared = hf.get("n_shared_experts", _HF_DEFAULTS["n_shared_experts"])

@@ -16,6 +16,7 @@ from typing import Dict
 
 import numpy as np
 
+from .hf_checkpoint import DIRECT_KEYS
 from .safetensors_io import save_file
 
 #: The file names a base-model directory holds.
@@ -31,13 +32,8 @@ def hf_config(config) -> dict:
     if config.attention_type != "mla" or config.scoring_func != "sigmoid":
         raise ExportError(f"the Hugging Face DeepSeek-V3 layout has MLA attention and sigmoid routing "
                           f"only (this model: {config.attention_type}, {config.scoring_func})")
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-            "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "q_lora_rank",
-            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-            "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
-            "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "rms_norm_eps",
-            "tie_word_embeddings", "attention_bias", "rope_interleave", "initializer_range",
-            "rope_theta", "num_nextn_predict_layers")
+    # The keys the importer maps one to one, and three it reads with care.
+    keys = DIRECT_KEYS + ("n_shared_experts", "rope_theta", "num_nextn_predict_layers")
     out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
            "hidden_act": "silu", "num_key_value_heads": config.num_attention_heads,
            "scoring_func": "sigmoid", "topk_method": "noaux_tc", "torch_dtype": "float32",
