@@ -162,12 +162,34 @@ def export_hf_checkpoint(model, export_dir: str, log_fn=print) -> list:
         shutil.rmtree(local, ignore_errors=True)
 
 
+class _ExportArchive(keras.export.ExportArchive):
+    """Keras' ExportArchive, tracing each endpoint once instead of twice.
+
+    write_out traces every endpoint to find the variables it uses, then
+    tf.saved_model.save traces them all again: a trace made inside a save
+    context has another cache key (TF's FunctionContext holds the save
+    options' variable policy). Making the first trace inside a save context
+    with the options the save uses lets the save reuse it (tiny model:
+    4 model traces instead of 8, about 40% of the export's time)."""
+
+    _SAVE_OPTIONS = tf.saved_model.SaveOptions()
+
+    def _filter_and_track_resources(self):
+        from tensorflow.python.saved_model import save_context
+
+        with save_context.save_context(self._SAVE_OPTIONS):
+            super()._filter_and_track_resources()
+
+    def write_out(self, filepath, verbose=True):
+        super().write_out(filepath, options=self._SAVE_OPTIONS, verbose=verbose)
+
+
 def export_saved_model(model, seq_len: int, export_dir: str, tokenizer_proto: bytes = None) -> str:
     """Writes the SavedModel of `model` (the signatures above) to `export_dir`;
     with the SentencePiece `tokenizer_proto` of a run on text also
     ``generate_text`` (components/text_export.py) and a copy of the model
     file at ``assets.extra/tokenizer.model``."""
-    archive = keras.export.ExportArchive()
+    archive = _ExportArchive()
     archive.track(model)
     archive.add_endpoint(
         "serving_default", serving_fn(model, seq_len),

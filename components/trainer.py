@@ -265,6 +265,8 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "tokens_per_second": engine["tokens_per_second"],
         "steady_tokens_per_second": engine["steady_tokens_per_second"],
         "first_step_seconds": engine["first_step_seconds"],
+        # JAX's persistent cache (training.compile_cache): hits skip the compile.
+        "compilation_cache": engine.get("compilation_cache"),
         "wall_seconds": time.perf_counter() - started,
         "loss_history": [{k: v for k, v in h.items() if k != "experts"} for h in history],
         "expert_utilization_last_interval": experts,

@@ -132,6 +132,10 @@ def _main(argv=None) -> int:
     settings = TrainingSettings.from_dict(spec["engine"]).check_model(config)
     initialize_from_env(settings.seed)  # before any device is touched
     import jax
+
+    from training import compile_cache
+
+    compile_cache.enable()
     import numpy as np
 
     from training.engine import Engine
@@ -180,6 +184,7 @@ def _main(argv=None) -> int:
     from training.environment import engine_environment
 
     result["engine_environment"] = engine_environment()
+    result["compilation_cache"] = compile_cache.stats()
     weights = engine.weights()  # collective in multi-process runs: every process calls it
     logits = None
     if spec.get("logits_for"):  # after the weights: the call counts expert loads

@@ -74,7 +74,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     tokens = _tokens(root / "tokens.npy", STEPS)
     spec = _spec(root, tokens)
-    one = _run(root / "one", spec, num_devices=1)
+    # A cache of its own: the 1-device run compiles (and fills it) here.
+    one = _run(root / "one", spec, num_devices=1, env={"DEEPSEEK_TFX_JAX_CACHE": str(root / "jax-cache")})
     dp = _run(root / "dp8", spec)
     ep = _run(root / "ep4", dict(spec, engine=dict(spec["engine"], expert_parallel=4)))
     ep8 = _run(root / "ep8", dict(spec, engine=dict(spec["engine"], expert_parallel=8)))
@@ -101,6 +102,22 @@ def test_one_device_dp8_2x4_and_1x8_meshes_train_the_same(runs):
     steps = np.abs(np.diff(bias, axis=0))
     assert np.abs(bias[-1]).max() > 0
     assert np.all(np.isclose(steps, 0, atol=1e-7) | np.isclose(steps, GAMMA, atol=1e-6))
+
+
+def test_a_rerun_takes_the_compiled_step_from_the_persistent_cache(runs):
+    first, weights, _ = runs["one"]
+    cache = str(runs["root"] / "jax-cache")
+    assert first["compilation_cache"]["dir"] == cache
+    assert first["compilation_cache"]["hits"] == 0 and first["compilation_cache"]["misses"] >= 1
+    assert any(name.startswith("jit_step") for name in os.listdir(cache))
+    again, again_weights, _ = _run(runs["root"] / "one-again", runs["spec"], num_devices=1,
+                                   env={"DEEPSEEK_TFX_JAX_CACHE": cache})
+    assert again["compilation_cache"]["hits"] >= 1
+    assert [s["loss"] for s in again["steps"]] == [s["loss"] for s in first["steps"]]
+    _assert_same_weights(weights, again_weights, atol=0)
+    off, _, _ = _run(runs["root"] / "one-off", dict(runs["spec"], engine=dict(runs["spec"]["engine"], train_steps=2)),
+                     num_devices=1, env={"DEEPSEEK_TFX_JAX_CACHE": "off"})
+    assert off["compilation_cache"] == {"dir": None, "hits": 0, "misses": 0}
 
 
 def test_expert_parallel_shards_routed_experts_and_their_moments(runs):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from training import launch
+from training import compile_cache, launch
 from training.checkpoint import CheckpointMismatchError
 from training.parallel import MeshError
 from training.worker import ENGINE_ERROR_EXIT, named_error
@@ -185,3 +185,14 @@ def test_the_real_worker_reports_a_mesh_error_in_one_paragraph(tmp_path):
     assert f"exit status {ENGINE_ERROR_EXIT}" in message and str(tmp_path / "engine.log") in message
     assert "Traceback" in (tmp_path / "engine.log").read_text()
     json.loads((tmp_path / "spec.json").read_text())
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, os.path.expanduser("~/.cache/deepseek-tfx/jax-compilation")),
+    ("", os.path.expanduser("~/.cache/deepseek-tfx/jax-compilation")),
+    ("off", None), ("OFF", None), ("0", None),
+    ("~/jaxc", os.path.expanduser("~/jaxc")), ("rel/dir", os.path.abspath("rel/dir")),
+])
+def test_the_compilation_cache_directory_comes_from_the_environment(value, expected):
+    env = {} if value is None else {compile_cache.CACHE_ENV: value}
+    assert compile_cache.cache_dir(env) == expected
