@@ -89,10 +89,10 @@ def read_evaluation(uri: str) -> Dict[str, Any]:
     """The overall-slice TFMA metrics of a ModelEvaluation: {"metrics": the
     candidate's, "baseline": the baseline's, "change": candidate - baseline,
     "validated": bool or None, "failures": the thresholds that failed}."""
-    import tensorflow_model_analysis as tfma
+    from app import tfma_files
 
     out: Dict[str, Any] = {"metrics": {}, "baseline": {}, "change": {}, "validated": None, "failures": []}
-    for record in tfma.load_metrics(uri):
+    for record in tfma_files.load_metrics(uri):
         if record.slice_key.single_slice_keys:  # overall slice only
             continue
         for kv in record.metric_keys_and_values:
@@ -103,7 +103,7 @@ def read_evaluation(uri: str) -> Dict[str, Any]:
                      "baseline" if kv.key.model_name == "baseline" else "metrics")
             out[table][kv.key.name] = value
     try:
-        validation = tfma.load_validation_result(uri)
+        validation = tfma_files.load_validation_result(uri)
     except Exception:  # noqa: BLE001 - no validation file: no thresholds were configured
         return out
     out["validated"] = bool(validation.validation_ok)

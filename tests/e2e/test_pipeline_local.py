@@ -197,6 +197,27 @@ def test_inspect_cli_shows_the_record(good_run):
     assert info["lineage"][0]["type"] == "PushedModel"
 
 
+def test_inspect_reads_the_tfma_evaluations_without_tensorflow(good_run):
+    code = ("import json, sys; from app.inspect_metadata import collect; "
+            f"info = collect({good_run.path('metadata')!r}); "
+            "print(json.dumps([info['evaluations'], 'tensorflow' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=_env())
+    evaluations, imported_tensorflow = json.loads(out.stdout)
+    assert not imported_tensorflow
+    assert evaluations and all(e["metrics"]["token_loss"] > 0 for e in evaluations)
+    import tensorflow_model_analysis as tfma
+
+    from app import tfma_files
+
+    for evaluation in evaluations:  # the same records TFMA's own readers give
+        uri = evaluation["uri"]
+        assert ([m.SerializeToString() for m in tfma_files.load_metrics(uri)]
+                == [m.SerializeToString() for m in tfma.load_metrics(uri)])
+        assert (tfma_files.load_validation_result(uri).SerializeToString()
+                == tfma.load_validation_result(uri).SerializeToString())
+
+
 def test_model_failing_the_value_threshold_is_not_pushed(tmp_path):
     settings = _settings(tmp_path, thresholds={**LOOSE_GATE, "max_loss_gap_nats": 1e-6})
     _run(settings)
