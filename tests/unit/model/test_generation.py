@@ -21,11 +21,18 @@ def model():
     return DeepSeekV3ForCausalLM(get_preset("tiny"))
 
 
-def _greedy_without_cache(model, prompt, steps):
+def _greedy_without_cache(model, prompt, steps, width=12):
+    """Greedy tokens by a full forward per token. The row is right-padded to
+    one fixed width (causal: the logits at the last real position ignore what
+    follows), so eager JAX compiles its ops for one shape, not one per length
+    (47 s -> a few)."""
     ids = list(prompt)
+    assert len(ids) + steps <= width
     for _ in range(steps):
-        logits = np.asarray(model(np.array([ids], "int32")))
-        ids.append(int(logits[0, -1].argmax()))
+        row = np.zeros((1, width), "int32")
+        row[0, :len(ids)] = ids
+        logits = np.asarray(model(row))
+        ids.append(int(logits[0, len(ids) - 1].argmax()))
     return ids[len(prompt):]
 
 
