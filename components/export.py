@@ -197,7 +197,7 @@ def export_saved_model(model, seq_len: int, export_dir: str, tokenizer_proto: by
     archive.add_endpoint(
         "token_metrics", token_metrics_fn(model, seq_len),
         input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-    archive.add_endpoint(
+    generate = archive.add_endpoint(
         "generate", generate_fn(model),
         input_signature=[
             tf.TensorSpec([None, None], tf.int32, name="token_ids"),
@@ -207,7 +207,7 @@ def export_saved_model(model, seq_len: int, export_dir: str, tokenizer_proto: by
     if tokenizer_proto:
         from components.text_export import add_generate_text
 
-        add_generate_text(archive, model, tokenizer_proto)
+        add_generate_text(archive, model, tokenizer_proto, generate)
     archive.write_out(export_dir, verbose=False)
     if tokenizer_proto:
         tf.io.gfile.makedirs(os.path.join(export_dir, "assets.extra"))

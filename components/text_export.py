@@ -46,10 +46,13 @@ def left_pad(ids: tf.RaggedTensor):
     return token_ids, tf.reverse(mask, axis=[1])
 
 
-def generate_text_fn(model, tokenizer, start_id: int):
+def generate_text_fn(model, tokenizer, start_id: int, generate=None):
+    """generate: the archive's `generate` endpoint (a tf.function), called as
+    a function so its decode loop is traced once for both signatures; None:
+    the loop traced inline."""
     from components.export import generate_fn
 
-    generate = generate_fn(model)
+    generate = generate or generate_fn(model)
 
     def generate_text(prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
         ids = tokenizer.tokenize(prompts)
@@ -64,7 +67,7 @@ def generate_text_fn(model, tokenizer, start_id: int):
     return generate_text
 
 
-def add_generate_text(archive, model, model_proto: bytes) -> None:
+def add_generate_text(archive, model, model_proto: bytes, generate=None) -> None:
     """Adds ``generate_text`` (and the tokenizer it tracks) to a Keras
     ExportArchive that already tracks `model`."""
     from components.export import sampling_specs
@@ -74,7 +77,7 @@ def add_generate_text(archive, model, model_proto: bytes) -> None:
     tokenizer = sentencepiece_tokenizer(model_proto)
     archive.track(tokenizer)
     archive.add_endpoint(
-        SIGNATURE, generate_text_fn(model, tokenizer, info.eos_id),
+        SIGNATURE, generate_text_fn(model, tokenizer, info.eos_id, generate),
         input_signature=[
             tf.TensorSpec([None], tf.string, name="prompts"),
             *sampling_specs(),
