@@ -120,7 +120,7 @@ def metadata_backends(work: str) -> dict:
             target = MetadataTarget.of(settings.path("metadata"), settings.metadata_mysql)
             first = _timed(lambda: run_local(settings))
             cached = _timed(lambda: run_local(settings))
-            collect(target)  # warm (TFMA import)
+            collect(target)  # warm: ML Metadata imported, the store opened once
             inspect = min(_timed(lambda: collect(target)) for _ in range(3))
             # What a user waits for: `deepseek-tfx inspect` in a fresh process.
             where = (["--metadata-mysql", url] if name == "mysql"
