@@ -38,6 +38,7 @@ def _settings_from_args(args):
               "precision": args.precision, "enable_cache": not args.no_cache,
               "expert_parallel": args.expert_parallel,
               "dispatch_capacity_factor": args.dispatch_capacity_factor,
+              "dispatch_recompute": args.dispatch_recompute,
               "gradient_accumulation": args.gradient_accumulation,
               "examples_dir": args.examples_dir, "text_dir": args.text_dir,
               "vocab_size": args.vocab_size, "tokenizer_file": args.tokenizer,
@@ -317,6 +318,10 @@ def _add_settings_args(p) -> None:
     p.add_argument("--dispatch-capacity-factor", type=float, default=D.dispatch_capacity_factor,
                    help="all-to-all rows per destination device as a multiple of the even share "
                         "(>= 1; fuller micro-batches run extra rounds, nothing is dropped)")
+    p.add_argument("--dispatch-recompute", action=argparse.BooleanOptionalAction,
+                   default=D.dispatch_recompute,
+                   help="recompute the all-to-all dispatch in the backward pass (less memory; "
+                        "--no-dispatch-recompute keeps its activations: faster)")
     p.add_argument("--gradient-accumulation", type=int, default=D.gradient_accumulation,
                    help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")

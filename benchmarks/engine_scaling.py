@@ -2,8 +2,9 @@
 Trainer's step (training.engine) on the same global batch on 1 device and on
 N devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, set in a child
 process because it must precede the JAX import): data parallel (batch N) and
-expert parallel (batch N/4 x expert 4, batch 1 x expert N), with the compiled
-step's arguments and temporaries per device. On one CPU the N devices share
+expert parallel (batch N/4 x expert 4, batch 1 x expert N; the `_kept`
+layouts with --no-dispatch-recompute, the dispatch activations kept for the
+backward pass), with the compiled step's arguments and temporaries per device. On one CPU the N devices share
 the same cores, so the step ratio measures the cost of the partitioning and
 the collectives (equal total work would be 1.0), not a speed-up.
 
@@ -31,24 +32,26 @@ def _measure(preset: str, batch: int, seq_len: int, repeats: int) -> dict:
     config = get_preset(preset)
     n = jax.device_count()
     out = {"devices_available": n, "target_ratio": TARGET_RATIO}
-    layouts = [(f"devices_{1}", 1, 1), (f"devices_{n}", n, 1)]
-    for ep in (4, n):
-        if n > 1 and n % ep == 0 and config.n_routed_experts % ep == 0 and ep > 1:
-            layouts.append((f"devices_{n}_ep{ep}", n, ep))
-    for key, devices, ep in layouts:
+    layouts = [(f"devices_{1}", 1, 1, True), (f"devices_{n}", n, 1, True)]
+    for recompute, suffix in ((True, ""), (False, "_kept")):
+        for ep in (4, n):
+            if n > 1 and n % ep == 0 and config.n_routed_experts % ep == 0 and ep > 1:
+                layouts.append((f"devices_{n}_ep{ep}{suffix}", n, ep, recompute))
+    for key, devices, ep, recompute in layouts:
         result = measure_engine(config, batch, seq_len, repeats, devices=jax.devices()[:devices],
-                                expert_parallel=ep)
+                                expert_parallel=ep, dispatch_recompute=recompute)
         out[key] = {"step_ms": result["timing"], "mesh": result["mesh"],
                     "tokens_per_s": result["tokens_per_s"],
                     "per_device_bytes": result["per_device_bytes"]}
     one = out["devices_1"]["step_ms"]["median_ms"]
     out["dp_overhead_ratio"] = out[f"devices_{n}"]["step_ms"]["median_ms"] / one
-    for key, _, ep in layouts[2:]:
-        out[f"ep{ep}_overhead_ratio"] = out[key]["step_ms"]["median_ms"] / one
+    for key, _, ep, recompute in layouts[2:]:
+        out[f"ep{ep}{'' if recompute else '_kept'}_overhead_ratio"] = (
+            out[key]["step_ms"]["median_ms"] / one)
     dp = out[f"devices_{n}"]["per_device_bytes"]
     out["per_device_bytes_vs_data_parallel"] = {
         key: {k: v / dp[k] for k, v in out[key]["per_device_bytes"].items()}
-        for key, _, _ in layouts[2:]}
+        for key, _, _, _ in layouts[2:]}
     return out
 
 

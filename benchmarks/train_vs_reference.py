@@ -72,16 +72,17 @@ def measure_ours(config, batch: int, seq_len: int, repeats: int,
 
 
 def measure_engine(config, batch: int, seq_len: int, repeats: int,
-                   devices=None, expert_parallel: int = 1) -> Dict[str, Any]:
+                   devices=None, expert_parallel: int = 1, **settings) -> Dict[str, Any]:
     """The Trainer's jitted step (training.engine) on one fixed batch, and
-    the compiled step's bytes per device."""
+    the compiled step's bytes per device; `settings`: more TrainingSettings."""
     from model.analysis import parameter_count, train_flops_per_token
     from training.engine import Engine
     from training.settings import TrainingSettings
 
     engine = Engine(config, TrainingSettings(batch_size=batch, seq_len=seq_len,
                                              train_steps=repeats + 2,
-                                             expert_parallel=expert_parallel), devices=devices,
+                                             expert_parallel=expert_parallel, **settings),
+                    devices=devices,
                     log_fn=lambda line: None)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq_len))
     run, compile_seconds = engine.step_runner(ids.astype("int32"))

@@ -8,6 +8,12 @@ past sum(group_sizes) get zeros (dropped / pad assignments sort last). Work is
 done in tiles of `block` rows, each inside one expert's group, so it costs
 about N + E * block rows, never E * N.
 
+With `group_expert` [G], group g (g_0, g_1, ... rows in turn, G groups in any
+order) uses weight group_expert[g], and a negative index marks rows that get
+zeros and cost nothing: the expert-parallel dispatch multiplies the received
+chunks as they lie (each sorted by expert, padded to the capacity) instead of
+permuting them into one expert-major buffer and back.
+
 Backends (the switch lives here only):
 - JAX on one CPU device (`_use_jax_loop`): a `lax.while_loop` over the tiles actually used (the trip count is
   dynamic, the shapes static), each tile a dynamic slice of x, one expert's
@@ -80,39 +86,48 @@ def max_tiles(rows, experts: int, block: int):
     return ops.maximum(1, ops.minimum(rows, (rows + ops.minimum(experts, rows) * (block - 1)) // block))
 
 
-def _schedule(group_sizes, block, tiles):
-    """Per tile j: its expert, first and end row (end - first <= block), and
-    the number of tiles used. Tiles past the used count have empty ranges."""
+def _schedule(group_sizes, block, tiles, group_expert=None):
+    """Per tile j: its weight index, first and end row (end - first <=
+    block), and the number of tiles used. Tiles past the used count have
+    empty ranges; groups with a negative group_expert get no tiles."""
     g = ops.cast(group_sizes, "int32")
     per_group = (g + block - 1) // block
+    if group_expert is not None:
+        per_group = ops.where(group_expert >= 0, per_group, 0)
     tile_end = ops.cumsum(per_group)
     group_end = ops.cumsum(g)
     j = ops.arange(tiles, dtype="int32")
-    e = ops.cast(ops.clip(ops.searchsorted(tile_end, j, side="right"), 0, ops.shape(g)[0] - 1), "int32")
-    lo = ops.take(group_end - g, e) + (j - ops.take(tile_end - per_group, e)) * block
-    hi = ops.minimum(lo + block, ops.take(group_end, e))
+    group = ops.cast(ops.clip(ops.searchsorted(tile_end, j, side="right"), 0, ops.shape(g)[0] - 1),
+                     "int32")
+    lo = ops.take(group_end - g, group) + (j - ops.take(tile_end - per_group, group)) * block
+    hi = ops.minimum(lo + block, ops.take(group_end, group))
     hi = ops.where(j < tile_end[-1], hi, lo)  # unused tiles cover nothing
+    e = group if group_expert is None else ops.maximum(ops.take(group_expert, group), 0)
     return e, lo, hi, tile_end[-1]
 
 
-def grouped_matmul(x, w, group_sizes, block=None):
-    """x [N, d] rows sorted by group; w [E, d, o]; group_sizes [E] int; block:
-    static tile height (default tile_rows; clipped to N when N is static)."""
+def grouped_matmul(x, w, group_sizes, block=None, group_expert=None):
+    """x [N, d] rows sorted by group; w [E, d, o]; group_sizes [E] int (or
+    [G] with group_expert [G], see the module doc); block: static tile
+    height (default tile_rows; clipped to N when N is static)."""
     rows = x.shape[0]
+    groups = w.shape[0] if group_expert is None else group_sizes.shape[0]
     if block is None:
-        block = tile_rows(rows, w.shape[0])
+        block = tile_rows(rows, groups)
     if isinstance(rows, int):
         block = max(1, min(block, rows))
     if _use_jax_loop():  # shapes are always static under JAX
-        return _jax_grouped_matmul(x, w, group_sizes, block, max_tiles(rows, w.shape[0], block))
+        return _jax_grouped_matmul(x, w, group_sizes, block, max_tiles(rows, groups, block),
+                                   group_expert)
     if rows is None:
         rows = ops.shape(x)[0]
-    return _ops_grouped_matmul(x, w, group_sizes, block, max_tiles(rows, w.shape[0], block), rows)
+    return _ops_grouped_matmul(x, w, group_sizes, block, max_tiles(rows, groups, block), rows,
+                               group_expert)
 
 
 # ------------------------------------------------------------------ keras.ops
-def _ops_grouped_matmul(x, w, group_sizes, block, tiles, rows):
-    e, lo, hi, _ = _schedule(group_sizes, block, tiles)
+def _ops_grouped_matmul(x, w, group_sizes, block, tiles, rows, group_expert=None):
+    e, lo, hi, _ = _schedule(group_sizes, block, tiles, group_expert)
     # A tile near the end is shifted back to stay inside [0, rows); the mask
     # keeps only its own rows (and none past `rows` when rows < block).
     start = ops.maximum(ops.minimum(lo, rows - block), 0)
@@ -127,7 +142,7 @@ def _ops_grouped_matmul(x, w, group_sizes, block, tiles, rows):
 
 
 # ------------------------------------------------------------------------ JAX
-def _jax_grouped_matmul(x, w, group_sizes, block, tiles):
+def _jax_grouped_matmul(x, w, group_sizes, block, tiles, group_expert=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -140,8 +155,8 @@ def _jax_grouped_matmul(x, w, group_sizes, block, tiles):
         r = start + jnp.arange(block, dtype=jnp.int32)
         return start, ((r >= lo) & (r < hi))[:, None]
 
-    def forward(x, w, g):
-        e, lo, hi, used = _schedule(g, block, tiles)
+    def forward(x, w, g, ge):
+        e, lo, hi, used = _schedule(g, block, tiles, ge)
 
         def body(j, out):
             start, mine = window(lo[j], hi[j])
@@ -152,15 +167,15 @@ def _jax_grouped_matmul(x, w, group_sizes, block, tiles):
         return lax.fori_loop(0, used, body, jnp.zeros((rows, w.shape[2]), x.dtype))
 
     @jax.custom_vjp
-    def gmm(x, w, g):
-        return forward(x, w, g)
+    def gmm(x, w, g, ge):
+        return forward(x, w, g, ge)
 
-    def gmm_fwd(x, w, g):
-        return forward(x, w, g), (x, w, g)
+    def gmm_fwd(x, w, g, ge):
+        return forward(x, w, g, ge), (x, w, g, ge)
 
     def gmm_bwd(res, dy):
-        x, w, g = res
-        e, lo, hi, used = _schedule(g, block, tiles)
+        x, w, g, ge = res
+        e, lo, hi, used = _schedule(g, block, tiles, ge)
 
         def body(j, carry):
             dx, dw = carry
@@ -179,7 +194,11 @@ def _jax_grouped_matmul(x, w, group_sizes, block, tiles):
         # dw sums over many tiles: accumulate in float32 (bf16 weights too).
         dw = jnp.zeros(w.shape, jnp.float32)
         dx, dw = lax.fori_loop(0, used, body, (jnp.zeros_like(x), dw))
-        return dx, dw.astype(w.dtype), np.zeros(g.shape, jax.dtypes.float0)  # int input: no cotangent
+        no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (g, ge))  # int inputs
+        return (dx, dw.astype(w.dtype), *no_grad)
 
     gmm.defvjp(gmm_fwd, gmm_bwd)
-    return gmm(x, w, jnp.asarray(group_sizes, jnp.int32))
+    g = jnp.asarray(group_sizes, jnp.int32)
+    ge = jnp.arange(g.shape[0], dtype=jnp.int32) if group_expert is None else jnp.asarray(
+        group_expert, jnp.int32)
+    return gmm(x, w, g, ge)

@@ -63,14 +63,16 @@ def block_rows(assignments, experts):
     return tile_rows(assignments, experts)
 
 
-def grouped_swiglu(rows, group_sizes, gate_proj, up_proj, down_proj):
+def grouped_swiglu(rows, group_sizes, gate_proj, up_proj, down_proj, group_expert=None):
     """SwiGLU of rows sorted by expert (group_sizes [E] rows each, the rest
-    get zeros) through the expert-major weights [E, ...]."""
-    block = block_rows(rows.shape[0], gate_proj.shape[0])
+    get zeros) through the expert-major weights [E, ...]; with group_expert,
+    groups in any order (model/grouped_matmul.py)."""
+    groups = gate_proj.shape[0] if group_expert is None else group_sizes.shape[0]
+    block = block_rows(rows.shape[0], groups)
     dtype = rows.dtype
 
     def expert_matmul(x, weight):
-        return grouped_matmul(x, ops.cast(weight, dtype), group_sizes, block)
+        return grouped_matmul(x, ops.cast(weight, dtype), group_sizes, block, group_expert)
 
     hidden = ops.silu(expert_matmul(rows, gate_proj)) * expert_matmul(rows, up_proj)
     return expert_matmul(hidden, down_proj)

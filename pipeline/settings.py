@@ -59,6 +59,7 @@ class PipelineSettings:
     precision: str = _T.precision
     expert_parallel: int = _T.expert_parallel          # devices per routed-expert shard group
     dispatch_capacity_factor: float = _T.dispatch_capacity_factor  # all-to-all buffer rows
+    dispatch_recompute: bool = _T.dispatch_recompute  # backward recomputes the dispatch
     gradient_accumulation: int = _T.gradient_accumulation  # micro-batches per optimizer step
     checkpoint_every: int = _T.checkpoint_every
     log_every: int = _T.log_every

@@ -119,7 +119,8 @@ class Engine:
         # expert_parallel > 1), installed on the MoE layers only while the
         # step is traced (`_compile`); one device keeps the model's own code.
         mesh = self.distribution.device_mesh.backend_mesh
-        self.dispatch = (ExpertDispatch(mesh, s.dispatch_capacity_factor)
+        self.dispatch = (ExpertDispatch(mesh, s.dispatch_capacity_factor,
+                                        recompute=s.dispatch_recompute)
                          if len(self.devices) > 1 else None)
         self.mla_mode = training_mla_mode(config, self.float8)
         self._step_fn = build_train_step(self.model, self.optimizer, config.bias_update_speed,
@@ -292,7 +293,7 @@ class Engine:
         # Steps in which some MoE call overflowed the all-to-all capacity and
         # ran extra rounds (nothing is dropped); null on one device.
         dispatch = None if self.dispatch is None else {
-            "capacity_factor": s.dispatch_capacity_factor,
+            "capacity_factor": s.dispatch_capacity_factor, "recompute": s.dispatch_recompute,
             "overflow_steps": metrics.overflow_steps, "extra_rounds": metrics.extra_rounds}
         return {**self.describe(), "start_step": start_step, "final_step": end,
                 "resumed": start_step > 0, "dispatch": dispatch, **summary,

@@ -24,13 +24,14 @@ assignments, and
            |
            |        recv [N, C, H]: rows of r's E/N experts from all N devices
            v
-      grouped matmul on r's expert slice [E/N, H, I] (sorted by local expert)
-           |
+      grouped matmul on r's expert slice [E/N, H, I], chunk by chunk as the
+           |        rows lie (each chunk sorted by local expert, padding skipped)
            v
       all_to_all    the results go back the way they came
            |
            v
-      combine       out[t] = sum_k weight[t, k] * result of assignment (t, k)
+      combine       out[t] = sum_k weight[t, k] * result of assignment (t, k),
+                    gathered straight from the returned chunks
 
   Weights never leave their shard; the gradient of a slice is summed over
   the batch axis only (shard_map's transpose of an input mapped on
@@ -41,9 +42,11 @@ some device has more than C assignments for one destination, the whole
 mesh (a pmax decides, so every device runs the same collectives) runs
 ceil(most / C) rounds of capacity-sized all-to-alls instead of one; the
 extra rounds are counted (`overflow`), nothing is dropped, and memory stays
-capacity-sized: a custom VJP keeps the first round's residuals and
-recomputes the extra rounds in the backward pass. JAX 0.4.30 has no ragged
-all-to-all, hence the static chunks.
+capacity-sized: a custom VJP recomputes the rounds in the backward pass
+(all of them by default, so no layer keeps dispatch activations between the
+passes; with recompute=False the first round's residuals are kept and only
+the extra rounds rerun). JAX 0.4.30 has no ragged all-to-all, hence the
+static chunks.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class DispatchShape:
     experts: int      # routed experts, all devices
     shards: int       # expert-axis size N
     capacity_factor: float
+    recompute: bool = True  # the backward pass reruns the rounds (_dispatched_experts)
 
     @property
     def local_experts(self) -> int:
@@ -116,12 +120,17 @@ def _local_experts_block(x, experts, weights, gate, up, down, *, shape: Dispatch
     return out, jnp.zeros((), jnp.int32)
 
 
-def _round(r, x, gate, up, down, order, sorted_expert, per_dest, dest_start, dest_count, *,
-           shape: DispatchShape):
+def _round(r, x, weights, gate, up, down, order, per_dest, dest_start, dest_count, a_dest,
+           a_offset, *, shape: DispatchShape):
     """All-to-all round r: chunk d carries rows r*C .. (r+1)*C - 1 of this
-    device's assignments to destination d (sorted by expert). Returns each
-    sorted assignment's expert output [T*K, H] for the rows of this round
-    (zeros elsewhere)."""
+    device's assignments to destination d (sorted by expert). Returns the
+    weighted sum of this round's expert outputs per token [T, H].
+
+    Nothing assignment-sized is permuted: the send chunks are gathered from
+    the tokens, the received chunks are multiplied as they lie (each is
+    sorted by local expert; the grouped matmul takes its groups chunk by
+    chunk, padding skipped), and the returned rows are gathered straight
+    into the per-token combine."""
     import jax.numpy as jnp
     from jax import lax
 
@@ -141,57 +150,75 @@ def _round(r, x, gate, up, down, order, sorted_expert, per_dest, dest_start, des
                  - jnp.clip(ends - per_dest, first, first + rows))  # [N dest, E/N]
     recv = lax.all_to_all(send, "expert", 0, 0, tiled=True)
     recv_count = lax.all_to_all(in_window, "expert", 0, 0, tiled=True)  # [N src, E/N]
-    # Each received chunk is sorted by local expert: row c's expert is the
-    # number of group ends at or before c (E/N = past the chunk's rows).
-    recv_ends = jnp.cumsum(recv_count, axis=1)
-    local_expert = jnp.sum(slot[None, :, None] >= recv_ends[:, None, :], axis=-1).reshape(-1)
-    by_expert = jnp.argsort(local_expert, stable=True)
-    flat_recv = recv.reshape(shards * rows, -1)
-    y = grouped_swiglu(flat_recv[by_expert], jnp.sum(recv_count, axis=0).astype(jnp.int32),
-                       gate, up, down)
-    y = y[_inverse(by_expert)].reshape(shards, rows, -1)
-    back = lax.all_to_all(y, "expert", 0, 0, tiled=True).reshape(shards * rows, -1)
-    # Sorted assignment j went to chunk dest_j at row j - dest_start[dest_j] - first.
-    j = jnp.arange(n, dtype=jnp.int32)
-    dest = jnp.minimum(sorted_expert // local, shards - 1)
-    row = j - dest_start[dest] - first
-    mine = (sorted_expert < shape.experts) & (row >= 0) & (row < rows)
-    return jnp.where(mine[:, None], back[dest * rows + jnp.clip(row, 0, rows - 1)], 0)
+    # Groups chunk by chunk: its E/N experts, then its padding (no weight).
+    pad = rows - jnp.sum(recv_count, axis=1, keepdims=True)
+    group_sizes = jnp.concatenate([recv_count, pad], axis=1).reshape(-1).astype(jnp.int32)
+    group_expert = jnp.tile(jnp.append(jnp.arange(local, dtype=jnp.int32), -1), shards)
+    y = grouped_swiglu(recv.reshape(shards * rows, -1), group_sizes, gate, up, down,
+                       group_expert)
+    back = lax.all_to_all(y.reshape(shards, rows, -1), "expert", 0, 0, tiled=True)
+    back = back.reshape(shards * rows, -1)
+    # Assignment a went to chunk a_dest[a] at row a_offset[a] - first
+    # (a_dest = N: not kept, in no chunk).
+    row = a_offset - first
+    mine = (a_dest < shards) & (row >= 0) & (row < rows)
+    index = jnp.minimum(a_dest, shards - 1) * rows + jnp.clip(row, 0, rows - 1)
+    w = jnp.where(mine, weights.reshape(-1), 0).astype(back.dtype)
+    return jnp.sum((back[index] * w[:, None]).reshape(-1, k, back.shape[-1]), axis=1)
 
 
 def _dispatched_experts(shape: DispatchShape):
-    """f(x, gate, up, down, order, sorted_expert, per_dest, dest_start,
-    dest_count, rounds) -> expert output per sorted assignment: `rounds`
-    capacity-sized all-to-all rounds. A custom VJP: the first round's
-    residuals are kept, the extra rounds (overflow, rare) are recomputed
-    in the backward pass, so memory stays capacity-sized."""
+    """f(x, weights, gate, up, down, order, per_dest, dest_start, dest_count,
+    a_dest, a_offset, rounds) -> combined routed output per token:
+    `rounds` capacity-sized all-to-all rounds, under a custom VJP.
+
+    shape.recompute: the backward pass runs every round again (its forward, then
+    its vjp), so no dispatch activation of any layer is kept between the
+    passes (per-device temporaries below data parallel's; one more routed
+    forward and two all-to-alls per layer). Otherwise the first round's
+    residuals are kept and only the extra rounds (overflow, rare) are
+    recomputed. Either way memory stays capacity-sized."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax import lax
 
+    from model.grouped_matmul import per_device_code
+
     def one_round(r, ints):
-        return lambda x, gate, up, down: _round(r, x, gate, up, down, *ints, shape=shape)
+        def run(*floats):
+            # The backward traces its rounds after the shard_map body has
+            # been traced: mark them per-device too (the tile loop).
+            with per_device_code():
+                return _round(r, *floats, *ints, shape=shape)
+        return run
 
     @jax.custom_vjp
-    def experts(x, gate, up, down, *ints_and_rounds):
-        return forward(x, gate, up, down, *ints_and_rounds)[0]
+    def experts(x, weights, gate, up, down, *ints_and_rounds):
+        return forward(x, weights, gate, up, down, *ints_and_rounds)[0]
 
-    def forward(x, gate, up, down, *ints_and_rounds):
-        *ints, rounds = ints_and_rounds
-        out, first_vjp = jax.vjp(one_round(0, ints), x, gate, up, down)
-        out = lax.fori_loop(1, rounds, lambda r, acc: acc + one_round(r, ints)(x, gate, up, down),
-                            out)
-        return out, (first_vjp, x, gate, up, down, ints, rounds)
+    def forward(*args):
+        floats, ints, rounds = args[:5], args[5:-1], args[-1]
+        if shape.recompute:
+            first_vjp, start = None, 0
+            out = jnp.zeros(floats[0].shape, floats[0].dtype)
+        else:
+            out, first_vjp = jax.vjp(one_round(0, ints), *floats)
+            start = 1
+        out = lax.fori_loop(start, rounds, lambda r, acc: acc + one_round(r, ints)(*floats), out)
+        return out, (first_vjp, floats, ints, rounds)
 
     def backward(res, ct):
-        first_vjp, x, gate, up, down, ints, rounds = res
+        first_vjp, floats, ints, rounds = res
 
-        def extra_round(r, acc):
-            _, vjp = jax.vjp(one_round(r, ints), x, gate, up, down)
+        def round_grads(r, acc):
+            _, vjp = jax.vjp(one_round(r, ints), *floats)
             return tuple(a + g for a, g in zip(acc, vjp(ct)))
 
-        grads = lax.fori_loop(1, rounds, extra_round, tuple(first_vjp(ct)))
+        if first_vjp is None:
+            grads = lax.fori_loop(0, rounds, round_grads, tuple(jnp.zeros_like(f) for f in floats))
+        else:
+            grads = lax.fori_loop(1, rounds, round_grads, tuple(first_vjp(ct)))
         no_grad = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in (*ints, rounds))
         return (*grads, *no_grad)
 
@@ -205,21 +232,22 @@ def _expert_parallel_block(x, experts, weights, gate, up, down, *, shape: Dispat
     import jax.numpy as jnp
     from jax import lax
 
-    t, k = experts.shape
     flat = experts.reshape(-1)  # E = not kept: sorts last, belongs to no chunk
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    sorted_expert = flat[order]
     counts = jnp.zeros((shape.experts + 1,), jnp.int32).at[flat].add(1)[:shape.experts]
     per_dest = counts.reshape(shape.shards, shape.local_experts)
     dest_count = jnp.sum(per_dest, axis=1)
     dest_start = jnp.cumsum(dest_count) - dest_count
+    # Per assignment (original order): its destination and its row in the
+    # stream of rows sent there (sorted position - the destination's start).
+    a_dest = flat // shape.local_experts  # N for the not kept
+    position = _inverse(order)
+    a_offset = position - dest_start[jnp.minimum(a_dest, shape.shards - 1)]
     # Every device runs the same number of rounds (a pmax over the mesh).
     need = lax.pmax(jnp.max(dest_count), MESH_AXES)
     rounds = jnp.maximum(1, (need + shape.capacity - 1) // shape.capacity).astype(jnp.int32)
-    per_sorted = _dispatched_experts(shape)(x, gate, up, down, order, sorted_expert, per_dest,
-                                            dest_start, dest_count, rounds)
-    per_choice = per_sorted[_inverse(order)]
-    out = (per_choice.reshape(t, k, -1) * weights[..., None].astype(per_choice.dtype)).sum(1)
+    out = _dispatched_experts(shape)(x, weights, gate, up, down, order, per_dest, dest_start,
+                                     dest_count, a_dest.astype(jnp.int32), a_offset, rounds)
     return out, rounds - 1
 
 
@@ -230,11 +258,12 @@ class ExpertDispatch:
     `start()` and `collect()` (the engine's loss function), one per MoE call.
     """
 
-    def __init__(self, mesh, capacity_factor: float):
+    def __init__(self, mesh, capacity_factor: float, recompute: bool = True):
         if not capacity_factor > 0:  # the engine asks for >= 1; tests probe the boundary
             raise ValueError(f"dispatch capacity_factor: must be > 0, got {capacity_factor!r}")
         self.mesh = mesh
         self.capacity_factor = float(capacity_factor)
+        self.recompute = bool(recompute)
         self.devices = math.prod(mesh.shape[a] for a in MESH_AXES)
         self.shards = mesh.shape["expert"]
         self._tape: List = []
@@ -243,7 +272,7 @@ class ExpertDispatch:
         if tokens % self.devices:
             raise ValueError(f"{tokens} tokens do not divide over the {self.devices} devices")
         return DispatchShape(tokens // self.devices, top_k, experts, self.shards,
-                             self.capacity_factor)
+                             self.capacity_factor, self.recompute)
 
     def start(self) -> None:
         self._tape = []

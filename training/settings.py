@@ -62,6 +62,10 @@ class TrainingSettings:
     # (training/expert_parallel.py); a micro-batch that needs more runs extra
     # all-to-all rounds (counted), nothing is dropped.
     dispatch_capacity_factor: float = 1.5
+    # The backward pass recomputes the dispatch (all-to-alls and routed
+    # experts) instead of keeping its activations: per-device temporaries
+    # below data parallel's for one more routed forward per layer.
+    dispatch_recompute: bool = True
     precision: str = _explicit("auto")    # one of model.checks.PRECISIONS
     seed: int = _explicit(0)
     checkpoint_dir: Optional[str] = None  # None: no checkpoints (the Trainer gives a default)
@@ -97,6 +101,9 @@ class TrainingSettings:
             self._check("engine_stall_timeout_s", _float_problem(self.engine_stall_timeout_s, positive=True))
         if self.eval_batches is not None:
             self._check("eval_batches", int_problem(self.eval_batches, 1))
+        if not isinstance(self.dispatch_recompute, bool):
+            self._check("dispatch_recompute",
+                        f"must be true or false, got {self.dispatch_recompute!r}")
         if not isinstance(self.record_history, bool):
             self._check("record_history", f"must be true or false, got {self.record_history!r}")
 

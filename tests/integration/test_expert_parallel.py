@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 ARRAYS = ("loss", "out", "grad_x", "grad_gate_proj", "grad_up_proj", "grad_down_proj",
           "grad_router")
-MESHES = ("mesh_8x1", "mesh_2x4", "mesh_1x8")
+MESHES = ("mesh_8x1", "mesh_2x4", "mesh_1x8", "mesh_2x4_kept")
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,13 @@ def test_per_device_dispatch_equals_one_device_and_dense(cases, mesh):
 
 
 def test_extra_round_exactly_when_a_device_overflows_the_capacity(cases):
-    at, over = cases["at_capacity"], cases["over_capacity"]
+    at, over, kept = cases["at_capacity"], cases["over_capacity"], cases["over_capacity_kept"]
     assert int(at["overflow"]) == 0 and int(over["overflow"]) == 1, (
         int(at["capacity_rows"]), int(over["capacity_rows"]))
+    assert int(kept["overflow"]) == 1
     _assert_same(at, cases["reference"], "at capacity")
     _assert_same(over, cases["reference"], "over capacity")
+    _assert_same(kept, cases["reference"], "over capacity, first round's activations kept")
 
 
 def test_router_forced_onto_one_device_loses_no_assignment(cases):
@@ -77,3 +79,5 @@ def test_router_forced_onto_one_device_loses_no_assignment(cases):
     # ceil(1.5 * 12 * 2 / 4) = 9 rows: 3 rounds, 2 of them extra.
     assert int(forced["overflow"]) == 2
     _assert_same(forced, ref, "forced onto experts 0 and 1")
+    assert int(cases["forced_ep4_kept"]["overflow"]) == 2
+    _assert_same(cases["forced_ep4_kept"], ref, "forced, first round's activations kept")

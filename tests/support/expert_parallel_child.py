@@ -132,12 +132,16 @@ def main(out_path: str) -> int:
     for batch, expert in MESHES:
         results[f"mesh_{batch}x{expert}"] = _run(layer, x, mask, probe,
                                                  ExpertDispatch(_mesh(batch, expert), 1.5))
+    # The backward keeping the first round's activations instead of recomputing.
+    results["mesh_2x4_kept"] = _run(layer, x, mask, probe,
+                                    ExpertDispatch(_mesh(2, 4), 1.5, recompute=False))
     # 2 x 4: a capacity exactly at the largest need (no overflow) and one row short.
     need = _most_to_one_device(layer, x, mask, 4)
     even = SEQ * config.num_experts_per_tok / 4
-    for name, rows in (("at_capacity", need), ("over_capacity", need - 1)):
+    for name, rows, recompute in (("at_capacity", need, True), ("over_capacity", need - 1, True),
+                                  ("over_capacity_kept", need - 1, False)):
         results[name] = _run(layer, x, mask, probe,
-                             ExpertDispatch(_mesh(2, 4), (rows - 0.5) / even))
+                             ExpertDispatch(_mesh(2, 4), (rows - 0.5) / even, recompute))
         results[name]["capacity_rows"] = np.asarray(rows)
     # Every token's choices forced onto experts 0 and 1 (the first device of
     # each expert group): the bias only steers the selection.
@@ -146,6 +150,8 @@ def main(out_path: str) -> int:
     layer.gate.e_score_correction_bias.assign(bias)
     results["forced_reference"] = _run(layer, x, mask, probe)
     results["forced_ep4"] = _run(layer, x, mask, probe, ExpertDispatch(_mesh(2, 4), 1.5))
+    results["forced_ep4_kept"] = _run(layer, x, mask, probe,
+                                      ExpertDispatch(_mesh(2, 4), 1.5, recompute=False))
     np.savez(out_path, **{f"{case}/{k}": v for case, r in results.items() for k, v in r.items()})
     return 0
 

@@ -70,6 +70,31 @@ def test_grouped_matmul_equals_per_row_reference(rng, rows, groups, block, left_
     np.testing.assert_allclose(ours[1], dw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [4, 64])
+def test_groups_in_any_order_with_skipped_rows(rng, block):
+    """group_expert: chunks of rows, each sorted by expert and padded, as
+    the expert-parallel dispatch receives them (weight -1: padding, zeros)."""
+    sizes = np.array([3, 0, 2, 5, 4, 1, 0, 3, 6, 2], "int32")
+    group_expert = np.array([0, 1, -1, 0, 1, -1, 0, 1, -1, 2], "int32")
+    rows = int(sizes.sum()) + 2  # and two rows past every group
+    x = rng.normal(size=(rows, 6)).astype("float32")
+    w = rng.normal(size=(3, 6, 5)).astype("float32")
+    weight = np.repeat(group_expert, sizes)
+    real = np.flatnonzero(weight >= 0)
+    fn = lambda a, b: grouped_matmul(a, b, sizes, block, group_expert)  # noqa: E731
+    expected = np.zeros((rows, 5), "float32")
+    expected[real] = np.einsum("nd,ndo->no", x[real], w[weight[real]])
+    np.testing.assert_allclose(np.asarray(fn(x, w)), expected, rtol=1e-5, atol=1e-5)
+    probe = rng.normal(size=(rows, 5)).astype("float32")
+    dx = np.zeros_like(x)
+    dx[real] = np.einsum("no,ndo->nd", probe[real], w[weight[real]])
+    dw = np.zeros_like(w)
+    np.add.at(dw, weight[real], np.einsum("nd,no->ndo", x[real], probe[real]))
+    ours = _grads(fn, x, w, probe)
+    np.testing.assert_allclose(ours[0], dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1], dw, rtol=1e-5, atol=1e-5)
+
+
 _SHARDED = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp, keras
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
