@@ -142,6 +142,17 @@ def _ops_grouped_matmul(x, w, group_sizes, block, tiles, rows, group_expert=None
 
 
 # ------------------------------------------------------------------------ JAX
+def _zeros_after(shape, dtype, operand):
+    """Zeros for a tile loop to fill, behind a barrier with `operand`: bare
+    constants are merged and scheduled freely, and the mini step kept more
+    loop buffers live at its peak (temporaries: data parallel 8 17.1 ->
+    15.4 MB, expert parallel 4 17.7 -> 15.4 MB with the barrier)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    return lax.optimization_barrier((jnp.zeros(shape, dtype), operand))[0]
+
+
 def _jax_grouped_matmul(x, w, group_sizes, block, tiles, group_expert=None):
     import jax
     import jax.numpy as jnp
@@ -164,7 +175,7 @@ def _jax_grouped_matmul(x, w, group_sizes, block, tiles, group_expert=None):
             kept = lax.dynamic_slice_in_dim(out, start, block)
             return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y.astype(out.dtype), kept), start, 0)
 
-        return lax.fori_loop(0, used, body, jnp.zeros((rows, w.shape[2]), x.dtype))
+        return lax.fori_loop(0, used, body, _zeros_after((rows, w.shape[2]), x.dtype, x))
 
     @jax.custom_vjp
     def gmm(x, w, g, ge):
@@ -192,8 +203,8 @@ def _jax_grouped_matmul(x, w, group_sizes, block, tiles, group_expert=None):
             return dx, dw
 
         # dw sums over many tiles: accumulate in float32 (bf16 weights too).
-        dw = jnp.zeros(w.shape, jnp.float32)
-        dx, dw = lax.fori_loop(0, used, body, (jnp.zeros_like(x), dw))
+        dw = _zeros_after(w.shape, jnp.float32, dy)
+        dx, dw = lax.fori_loop(0, used, body, (_zeros_after(x.shape, x.dtype, dy), dw))
         no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (g, ge))  # int inputs
         return (dx, dw.astype(w.dtype), *no_grad)
 

@@ -199,13 +199,13 @@ def _dispatched_experts(shape: DispatchShape):
 
     def forward(*args):
         floats, ints, rounds = args[:5], args[5:-1], args[-1]
+        # Round 0 always runs: outside the loops, so the compiled step shows
+        # its collectives once per step (training/plan.py).
         if shape.recompute:
-            first_vjp, start = None, 0
-            out = jnp.zeros(floats[0].shape, floats[0].dtype)
+            out, first_vjp = one_round(0, ints)(*floats), None
         else:
             out, first_vjp = jax.vjp(one_round(0, ints), *floats)
-            start = 1
-        out = lax.fori_loop(start, rounds, lambda r, acc: acc + one_round(r, ints)(*floats), out)
+        out = lax.fori_loop(1, rounds, lambda r, acc: acc + one_round(r, ints)(*floats), out)
         return out, (first_vjp, floats, ints, rounds)
 
     def backward(res, ct):
@@ -216,9 +216,12 @@ def _dispatched_experts(shape: DispatchShape):
             return tuple(a + g for a, g in zip(acc, vjp(ct)))
 
         if first_vjp is None:
-            grads = lax.fori_loop(0, rounds, round_grads, tuple(jnp.zeros_like(f) for f in floats))
-        else:
-            grads = lax.fori_loop(1, rounds, round_grads, tuple(first_vjp(ct)))
+            # The barrier (on inputs and cotangent) keeps XLA from merging
+            # the recomputed round with the forward one, which would keep
+            # the forward's activations alive after all.
+            floats, ct = lax.optimization_barrier((floats, ct))
+            first_vjp = jax.vjp(one_round(0, ints), *floats)[1]
+        grads = lax.fori_loop(1, rounds, round_grads, tuple(first_vjp(ct)))
         no_grad = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in (*ints, rounds))
         return (*grads, *no_grad)
 

@@ -70,6 +70,7 @@ def measure(config, settings, devices=None) -> dict:
         # What each extra all-to-all round of an overflowing MoE call adds.
         "overflow_round_collectives": [op.to_dict() for op in extra],
         "dispatch_capacity_factor": getattr(settings, "dispatch_capacity_factor", None),
+        "dispatch_recompute": getattr(settings, "dispatch_recompute", None),
         "jax": jax.__version__,
     }
 
@@ -110,8 +111,10 @@ def format_plan(plan: dict) -> str:
 
 def run_plan(preset: str, batch_size: int, seq_len: int, devices: int,
              expert_parallel: int = 1, gradient_accumulation: int = 1,
-             precision: str = "auto", model_overrides: Optional[dict] = None) -> dict:
-    """Compiles the step for `devices` virtual CPU devices in a child process."""
+             precision: str = "auto", model_overrides: Optional[dict] = None,
+             **dispatch) -> dict:
+    """Compiles the step for `devices` virtual CPU devices in a child process;
+    `dispatch`: dispatch_capacity_factor / dispatch_recompute (TrainingSettings)."""
     from model import get_preset
     from training.launch import ROOT, engine_python, worker_env
     from training.parallel import plan_mesh
@@ -121,7 +124,7 @@ def run_plan(preset: str, batch_size: int, seq_len: int, devices: int,
     settings = TrainingSettings(batch_size=batch_size, seq_len=seq_len, train_steps=1,
                                 expert_parallel=expert_parallel,
                                 gradient_accumulation=gradient_accumulation,
-                                precision=precision).check_model(config)
+                                precision=precision, **dispatch).check_model(config)
     plan_mesh(devices, expert_parallel, config.n_routed_experts, batch_size)  # fail here, early
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "plan.json")
@@ -163,6 +166,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-parallel", type=int, default=1)
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--precision", default="auto")
+    from training.settings import TrainingSettings as defaults
+
+    p.add_argument("--dispatch-capacity-factor", type=float,
+                   default=defaults.dispatch_capacity_factor)
+    p.add_argument("--dispatch-recompute", action=argparse.BooleanOptionalAction,
+                   default=defaults.dispatch_recompute,
+                   help="recompute the dispatch in the backward pass (the Trainer's default)")
     p.add_argument("--model-overrides", default=None, help="JSON dict of model config fields")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -176,7 +186,8 @@ def run_from_args(args, out=sys.stdout, err=sys.stderr) -> int:
         overrides = json.loads(args.model_overrides) if args.model_overrides else None
         plan = run_plan(args.preset, args.batch_size, args.seq_len, args.devices,
                         args.expert_parallel, args.gradient_accumulation, args.precision,
-                        overrides)
+                        overrides, dispatch_capacity_factor=args.dispatch_capacity_factor,
+                        dispatch_recompute=args.dispatch_recompute)
     except (MeshError, TrainingSettingsError, ConfigError, ValueError, TypeError) as e:
         print(f"deepseek-tfx plan: {e}", file=err)
         return 2
