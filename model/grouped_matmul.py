@@ -142,15 +142,24 @@ def _ops_grouped_matmul(x, w, group_sizes, block, tiles, rows, group_expert=None
 
 
 # ------------------------------------------------------------------------ JAX
+def optimization_barrier(values):
+    """lax.optimization_barrier (current JAX); JAX 0.4.30 keeps it private."""
+    from jax import lax
+
+    barrier = getattr(lax, "optimization_barrier", None)
+    if barrier is None:
+        from jax._src.ad_checkpoint import _optimization_barrier as barrier
+    return barrier(values)
+
+
 def _zeros_after(shape, dtype, operand):
     """Zeros for a tile loop to fill, behind a barrier with `operand`: bare
     constants are merged and scheduled freely, and the mini step kept more
     loop buffers live at its peak (temporaries: data parallel 8 17.1 ->
     15.4 MB, expert parallel 4 17.7 -> 15.4 MB with the barrier)."""
     import jax.numpy as jnp
-    from jax import lax
 
-    return lax.optimization_barrier((jnp.zeros(shape, dtype), operand))[0]
+    return optimization_barrier((jnp.zeros(shape, dtype), operand))[0]
 
 
 def _jax_grouped_matmul(x, w, group_sizes, block, tiles, group_expert=None):

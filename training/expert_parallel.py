@@ -183,7 +183,7 @@ def _dispatched_experts(shape: DispatchShape):
     import numpy as np
     from jax import lax
 
-    from model.grouped_matmul import per_device_code
+    from model.grouped_matmul import optimization_barrier, per_device_code
 
     def one_round(r, ints):
         def run(*floats):
@@ -219,7 +219,7 @@ def _dispatched_experts(shape: DispatchShape):
             # The barrier (on inputs and cotangent) keeps XLA from merging
             # the recomputed round with the forward one, which would keep
             # the forward's activations alive after all.
-            floats, ct = lax.optimization_barrier((floats, ct))
+            floats, ct = optimization_barrier((floats, ct))
             first_vjp = jax.vjp(one_round(0, ints), *floats)[1]
         grads = lax.fori_loop(1, rounds, round_grads, tuple(first_vjp(ct)))
         no_grad = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in (*ints, rounds))
