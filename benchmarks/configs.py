@@ -109,12 +109,19 @@ def decode_config(mode: str) -> DeepSeekV3Config:
 
 
 def moe_config(num_experts: int, top_k: int, hidden: int, expert_dim: int) -> DeepSeekV3Config:
-    """One DeepSeekMoE layer: routed experts only (no shared expert, whose
-    constant cost would hide how the routed path scales), no group limit,
-    the default (dropless) routing."""
+    """A one-layer model whose one decoder layer is DeepSeekMoE (what the
+    engine's step trains under JAX; under TF the DeepSeekMoE layer of this
+    config alone): routed experts only (no shared expert, whose constant cost
+    would hide how the routed path scales), no group limit, the default
+    (dropless) routing, and the cheapest attention and vocabulary the config
+    allows (1 head, head dims 4, vocab 64, no MTP) so the routed experts
+    dominate the step."""
     return DeepSeekV3Config(
-        hidden_size=hidden, moe_intermediate_size=expert_dim, n_routed_experts=num_experts,
-        num_experts_per_tok=top_k, n_shared_experts=0, n_group=1, topk_group=1)
+        vocab_size=64, hidden_size=hidden, intermediate_size=8, moe_intermediate_size=expert_dim,
+        num_hidden_layers=1, first_k_dense_replace=0, num_attention_heads=1,
+        q_lora_rank=None, kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
+        max_position_embeddings=256, n_routed_experts=num_experts, num_experts_per_tok=top_k,
+        n_shared_experts=0, n_group=1, topk_group=1, num_nextn_predict_layers=0)
 
 
 def fp8_config(mode: str) -> DeepSeekV3Config:
