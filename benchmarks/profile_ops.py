@@ -27,6 +27,9 @@ _PARTS = (("mlp/while", "routed experts: tile loops"), ("shared_experts", "share
 
 
 def part_of(op_name: str) -> str:
+    # The tile loops sit under mlp/ directly or inside the jitted loop
+    # function (mlp/jit(swiglu)/while, mlp/jit(gmm)/while).
+    op_name = re.sub(r"/mlp/jit\([^)]*\)/while", "/mlp/while", op_name)
     return next((part for key, part in _PARTS if key in op_name), "other")
 
 

@@ -23,11 +23,19 @@ Backends (the switch lives here only):
 - Otherwise (several devices, accelerators; TensorFlow, used for export/
   serving/tests): keras.ops over the
   static tile bound, each tile with its gathered expert weights; autodiff.
+
+Where the JAX loop runs, the experts' whole SwiGLU is one loop too
+(`fused_grouped_swiglu`: per tile gate, up, activation and down; one loop
+backward), not three grouped matmuls: a third of the loop trips, and the
+engine step took 0.96x the time (train_vs_reference and mini, same-process
+A/B) with 7-10% fewer temporaries. Each loop is a jitted function cached by
+its static sizes, so eager callers compile it once, not on every call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import keras
 from keras import ops
@@ -162,18 +170,42 @@ def _zeros_after(shape, dtype, operand):
     return optimization_barrier((jnp.zeros(shape, dtype), operand))[0]
 
 
+def _tile_window(rows, block, lo, hi):
+    """(first row of the block-row slice holding rows [lo, hi), which of its
+    rows those are [block, 1]): the slice is shifted back to stay in range."""
+    import jax.numpy as jnp
+
+    start = jnp.minimum(lo, rows - block)
+    r = start + jnp.arange(block, dtype=jnp.int32)
+    return start, ((r >= lo) & (r < hi))[:, None]
+
+
+def _group_arrays(group_sizes, group_expert):
+    import jax.numpy as jnp
+
+    g = jnp.asarray(group_sizes, jnp.int32)
+    ge = jnp.arange(g.shape[0], dtype=jnp.int32) if group_expert is None else jnp.asarray(
+        group_expert, jnp.int32)
+    return g, ge
+
+
 def _jax_grouped_matmul(x, w, group_sizes, block, tiles, group_expert=None):
+    return _gmm_function(x.shape[0], block, tiles)(x, w, *_group_arrays(group_sizes, group_expert))
+
+
+@functools.lru_cache(maxsize=None)
+def _gmm_function(rows, block, tiles):
+    """The tile loop with its custom VJP as one jitted function per static
+    (rows, block, tiles): eager callers (tests, eager decoding) reuse its
+    compilation instead of retracing a fresh loop each call; inside an outer
+    jit it is inlined."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax import lax
 
-    rows = x.shape[0]
 
-    def window(lo, hi):
-        start = jnp.minimum(lo, rows - block)
-        r = start + jnp.arange(block, dtype=jnp.int32)
-        return start, ((r >= lo) & (r < hi))[:, None]
+    window = functools.partial(_tile_window, rows, block)
 
     def forward(x, w, g, ge):
         e, lo, hi, used = _schedule(g, block, tiles, ge)
@@ -218,7 +250,115 @@ def _jax_grouped_matmul(x, w, group_sizes, block, tiles, group_expert=None):
         return (dx, dw.astype(w.dtype), *no_grad)
 
     gmm.defvjp(gmm_fwd, gmm_bwd)
-    g = jnp.asarray(group_sizes, jnp.int32)
-    ge = jnp.arange(g.shape[0], dtype=jnp.int32) if group_expert is None else jnp.asarray(
-        group_expert, jnp.int32)
-    return gmm(x, w, g, ge)
+    return jax.jit(gmm)
+
+
+# ------------------------------------------------- fused SwiGLU (JAX loop)
+def use_fused_swiglu() -> bool:
+    """Whether grouped_swiglu runs as one fused tile loop (below) rather than
+    three grouped matmuls: where the JAX tile loop runs at all."""
+    return _use_jax_loop() and FUSED_SWIGLU[0]
+
+
+# On by default; tests (fused == three grouped matmuls) and same-process A/B
+# timings switch it off.
+FUSED_SWIGLU = [True]
+
+
+def fused_grouped_swiglu(x, w_gate, w_up, w_down, group_sizes, block=None, group_expert=None):
+    """silu(x W_gate[e]) * (x W_up[e]) W_down[e] per row of group e, as one
+    tile loop forward and one backward (custom VJP), each tile's three (six)
+    dots back to back: a third of the loop trips of three grouped matmuls,
+    and the [N, intermediate] activations never go round through three
+    separate loops. Same tiling and group rules as grouped_matmul."""
+    rows = x.shape[0]
+    groups = w_gate.shape[0] if group_expert is None else group_sizes.shape[0]
+    if block is None:
+        block = tile_rows(rows, groups)
+    block = max(1, min(block, rows))
+    fn = _fused_swiglu_function(rows, block, max_tiles(rows, groups, block))
+    return fn(x, w_gate, w_up, w_down, *_group_arrays(group_sizes, group_expert))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_swiglu_function(rows, block, tiles):
+    """One jitted custom-VJP function per static (rows, block, tiles), as
+    _gmm_function."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    window = functools.partial(_tile_window, rows, block)
+
+    def put(buffer, start, mine, value):  # writes this tile's own rows only
+        kept = lax.dynamic_slice_in_dim(buffer, start, block)
+        return lax.dynamic_update_slice_in_dim(
+            buffer, jnp.where(mine, value.astype(buffer.dtype), kept), start, 0)
+
+    def weight(w, e):
+        return lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+    def forward(x, wg, wu, wd, g, ge, save):
+        hidden, inter = x.shape[1], wg.shape[2]
+        e, lo, hi, used = _schedule(g, block, tiles, ge)
+
+        def body(j, carry):
+            out, gate, up = carry
+            start, mine = window(lo[j], hi[j])
+            xs = lax.dynamic_slice_in_dim(x, start, block)
+            a = xs @ weight(wg, e[j])
+            b = xs @ weight(wu, e[j])
+            out = put(out, start, mine, (jax.nn.silu(a) * b) @ weight(wd, e[j]))
+            if save:
+                gate, up = put(gate, start, mine, a), put(up, start, mine, b)
+            return out, gate, up
+
+        saved = (rows, inter) if save else (1, 1)
+        init = (_zeros_after((rows, hidden), x.dtype, x), _zeros_after(saved, x.dtype, x),
+                _zeros_after(saved, x.dtype, x))
+        return lax.fori_loop(0, used, body, init)
+
+    @jax.custom_vjp
+    def swiglu(x, wg, wu, wd, g, ge):
+        return forward(x, wg, wu, wd, g, ge, save=False)[0]
+
+    def swiglu_fwd(x, wg, wu, wd, g, ge):
+        out, gate, up = forward(x, wg, wu, wd, g, ge, save=True)
+        return out, (x, wg, wu, wd, g, ge, gate, up)
+
+    def swiglu_bwd(res, dy):
+        x, wg, wu, wd, g, ge, gate, up = res
+        e, lo, hi, used = _schedule(g, block, tiles, ge)
+        f32 = jnp.float32
+
+        def accumulate(dw, e, update):  # dw sums over many tiles: float32
+            return lax.dynamic_update_index_in_dim(dw, weight(dw, e) + update, e, 0)
+
+        def body(j, carry):
+            dx, dwg, dwu, dwd = carry
+            start, mine = window(lo[j], hi[j])
+            ej = e[j]
+            xs = lax.dynamic_slice_in_dim(x, start, block)
+            a = lax.dynamic_slice_in_dim(gate, start, block)
+            b = lax.dynamic_slice_in_dim(up, start, block)
+            dys = jnp.where(mine, lax.dynamic_slice_in_dim(dy, start, block), 0).astype(wd.dtype)
+            sig = jax.nn.sigmoid(a)
+            act = a * sig
+            dh = dys @ weight(wd, ej).T
+            db = (dh * act).astype(wu.dtype)
+            da = (dh * b * sig * (1 + a * (1 - sig))).astype(wg.dtype)
+            dx = put(dx, start, mine, da @ weight(wg, ej).T + db @ weight(wu, ej).T)
+            dwd = accumulate(dwd, ej, jnp.matmul((act * b).T, dys, preferred_element_type=f32))
+            dwg = accumulate(dwg, ej, jnp.matmul(xs.T, da, preferred_element_type=f32))
+            dwu = accumulate(dwu, ej, jnp.matmul(xs.T, db, preferred_element_type=f32))
+            return dx, dwg, dwu, dwd
+
+        init = (_zeros_after(x.shape, x.dtype, dy), _zeros_after(wg.shape, f32, dy),
+                _zeros_after(wu.shape, f32, dy), _zeros_after(wd.shape, f32, dy))
+        dx, dwg, dwu, dwd = lax.fori_loop(0, used, body, init)
+        no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (g, ge))  # int inputs
+        return (dx, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype), *no_grad)
+
+    swiglu.defvjp(swiglu_fwd, swiglu_bwd)
+    return jax.jit(swiglu)

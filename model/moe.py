@@ -42,7 +42,7 @@ import keras
 from keras import ops
 
 from .config import DeepSeekV3Config
-from .grouped_matmul import grouped_matmul, tile_rows
+from .grouped_matmul import fused_grouped_swiglu, grouped_matmul, tile_rows, use_fused_swiglu
 from .mlp import SwiGLUMLP
 from .sharding import EXPERT, REPLICATED
 
@@ -70,6 +70,10 @@ def grouped_swiglu(rows, group_sizes, gate_proj, up_proj, down_proj, group_exper
     groups = gate_proj.shape[0] if group_expert is None else group_sizes.shape[0]
     block = block_rows(rows.shape[0], groups)
     dtype = rows.dtype
+
+    if use_fused_swiglu():
+        return fused_grouped_swiglu(rows, *(ops.cast(w, dtype) for w in (gate_proj, up_proj, down_proj)),
+                                    group_sizes, block, group_expert)
 
     def expert_matmul(x, weight):
         return grouped_matmul(x, ops.cast(weight, dtype), group_sizes, block, group_expert)
