@@ -204,7 +204,6 @@ def _gmm_function(rows, block, tiles):
     import numpy as np
     from jax import lax
 
-
     window = functools.partial(_tile_window, rows, block)
 
     def forward(x, w, g, ge):
