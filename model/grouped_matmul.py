@@ -180,6 +180,31 @@ def _tile_window(rows, block, lo, hi):
     return start, ((r >= lo) & (r < hi))[:, None]
 
 
+def _put_tile(buffer, start, mine, value):
+    """buffer with the tile's own rows (`mine` of the block-row slice at
+    `start`) replaced by value; the slice's other rows keep their contents."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    kept = lax.dynamic_slice_in_dim(buffer, start, value.shape[0])
+    return lax.dynamic_update_slice_in_dim(
+        buffer, jnp.where(mine, value.astype(buffer.dtype), kept), start, 0)
+
+
+def _expert(w, e):
+    """Expert e's [d, o] of w [E, d, o], indexed in place."""
+    from jax import lax
+
+    return lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+
+def _add_to_expert(dw, e, update):
+    """dw [E, d, o] with update added to expert e's slice."""
+    from jax import lax
+
+    return lax.dynamic_update_index_in_dim(dw, _expert(dw, e) + update, e, 0)
+
+
 def _group_arrays(group_sizes, group_expert):
     import jax.numpy as jnp
 
@@ -211,9 +236,7 @@ def _gmm_function(rows, block, tiles):
 
         def body(j, out):
             start, mine = window(lo[j], hi[j])
-            y = lax.dynamic_slice_in_dim(x, start, block) @ lax.dynamic_index_in_dim(w, e[j], keepdims=False)
-            kept = lax.dynamic_slice_in_dim(out, start, block)
-            return lax.dynamic_update_slice_in_dim(out, jnp.where(mine, y.astype(out.dtype), kept), start, 0)
+            return _put_tile(out, start, mine, lax.dynamic_slice_in_dim(x, start, block) @ _expert(w, e[j]))
 
         return lax.fori_loop(0, used, body, _zeros_after((rows, w.shape[2]), x.dtype, x))
 
@@ -232,14 +255,9 @@ def _gmm_function(rows, block, tiles):
             dx, dw = carry
             start, mine = window(lo[j], hi[j])
             dys = jnp.where(mine, lax.dynamic_slice_in_dim(dy, start, block), 0).astype(w.dtype)
-            we = lax.dynamic_index_in_dim(w, e[j], keepdims=False)
-            dxs = (dys @ we.T).astype(dx.dtype)
-            kept = lax.dynamic_slice_in_dim(dx, start, block)
-            dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(mine, dxs, kept), start, 0)
+            dx = _put_tile(dx, start, mine, dys @ _expert(w, e[j]).T)
             xs = lax.dynamic_slice_in_dim(x, start, block).astype(w.dtype)
-            dwe = lax.dynamic_index_in_dim(dw, e[j], keepdims=False) + jnp.matmul(
-                xs.T, dys, preferred_element_type=jnp.float32)
-            dw = lax.dynamic_update_index_in_dim(dw, dwe, e[j], 0)
+            dw = _add_to_expert(dw, e[j], jnp.matmul(xs.T, dys, preferred_element_type=jnp.float32))
             return dx, dw
 
         # dw sums over many tiles: accumulate in float32 (bf16 weights too).
@@ -290,14 +308,6 @@ def _fused_swiglu_function(rows, block, tiles):
 
     window = functools.partial(_tile_window, rows, block)
 
-    def put(buffer, start, mine, value):  # writes this tile's own rows only
-        kept = lax.dynamic_slice_in_dim(buffer, start, block)
-        return lax.dynamic_update_slice_in_dim(
-            buffer, jnp.where(mine, value.astype(buffer.dtype), kept), start, 0)
-
-    def weight(w, e):
-        return lax.dynamic_index_in_dim(w, e, keepdims=False)
-
     def forward(x, wg, wu, wd, g, ge, save):
         hidden, inter = x.shape[1], wg.shape[2]
         e, lo, hi, used = _schedule(g, block, tiles, ge)
@@ -306,11 +316,11 @@ def _fused_swiglu_function(rows, block, tiles):
             out, gate, up = carry
             start, mine = window(lo[j], hi[j])
             xs = lax.dynamic_slice_in_dim(x, start, block)
-            a = xs @ weight(wg, e[j])
-            b = xs @ weight(wu, e[j])
-            out = put(out, start, mine, (jax.nn.silu(a) * b) @ weight(wd, e[j]))
+            a = xs @ _expert(wg, e[j])
+            b = xs @ _expert(wu, e[j])
+            out = _put_tile(out, start, mine, (jax.nn.silu(a) * b) @ _expert(wd, e[j]))
             if save:
-                gate, up = put(gate, start, mine, a), put(up, start, mine, b)
+                gate, up = _put_tile(gate, start, mine, a), _put_tile(up, start, mine, b)
             return out, gate, up
 
         saved = (rows, inter) if save else (1, 1)
@@ -331,9 +341,6 @@ def _fused_swiglu_function(rows, block, tiles):
         e, lo, hi, used = _schedule(g, block, tiles, ge)
         f32 = jnp.float32
 
-        def accumulate(dw, e, update):  # dw sums over many tiles: float32
-            return lax.dynamic_update_index_in_dim(dw, weight(dw, e) + update, e, 0)
-
         def body(j, carry):
             dx, dwg, dwu, dwd = carry
             start, mine = window(lo[j], hi[j])
@@ -344,13 +351,13 @@ def _fused_swiglu_function(rows, block, tiles):
             dys = jnp.where(mine, lax.dynamic_slice_in_dim(dy, start, block), 0).astype(wd.dtype)
             sig = jax.nn.sigmoid(a)
             act = a * sig
-            dh = dys @ weight(wd, ej).T
+            dh = dys @ _expert(wd, ej).T
             db = (dh * act).astype(wu.dtype)
             da = (dh * b * sig * (1 + a * (1 - sig))).astype(wg.dtype)
-            dx = put(dx, start, mine, da @ weight(wg, ej).T + db @ weight(wu, ej).T)
-            dwd = accumulate(dwd, ej, jnp.matmul((act * b).T, dys, preferred_element_type=f32))
-            dwg = accumulate(dwg, ej, jnp.matmul(xs.T, da, preferred_element_type=f32))
-            dwu = accumulate(dwu, ej, jnp.matmul(xs.T, db, preferred_element_type=f32))
+            dx = _put_tile(dx, start, mine, da @ _expert(wg, ej).T + db @ _expert(wu, ej).T)
+            dwd = _add_to_expert(dwd, ej, jnp.matmul((act * b).T, dys, preferred_element_type=f32))
+            dwg = _add_to_expert(dwg, ej, jnp.matmul(xs.T, da, preferred_element_type=f32))
+            dwu = _add_to_expert(dwu, ej, jnp.matmul(xs.T, db, preferred_element_type=f32))
             return dx, dwg, dwu, dwd
 
         init = (_zeros_after(x.shape, x.dtype, dy), _zeros_after(wg.shape, f32, dy),
