@@ -160,14 +160,18 @@ def optimization_barrier(values):
     return barrier(values)
 
 
-def _zeros_after(shape, dtype, operand):
-    """Zeros for a tile loop to fill, behind a barrier with `operand`: bare
-    constants are merged and scheduled freely, and the mini step kept more
-    loop buffers live at its peak (temporaries: data parallel 8 17.1 ->
-    15.4 MB, expert parallel 4 17.7 -> 15.4 MB with the barrier)."""
+def _zeros_after(operand, *specs):
+    """Zero buffers for a tile loop to fill, one per (shape, dtype) in
+    `specs`, each a broadcast of its own scalar taken through a barrier with
+    `operand`. A broadcast of a bare constant would be merged with every
+    other zeros of its shape in the step (XLA's CSE): one buffer kept live
+    from the first MoE layer's forward to the last one's backward, and a
+    copy for each loop that fills it (mini, expert parallel 4: three such
+    [768, 128] buffers at the step's peak)."""
     import jax.numpy as jnp
 
-    return optimization_barrier((jnp.zeros(shape, dtype), operand))[0]
+    scalars = optimization_barrier((tuple(jnp.zeros((), d) for _, d in specs), operand))[0]
+    return tuple(jnp.broadcast_to(z, shape) for z, (shape, _) in zip(scalars, specs))
 
 
 def _tile_window(rows, block, lo, hi):
@@ -238,7 +242,7 @@ def _gmm_function(rows, block, tiles):
             start, mine = window(lo[j], hi[j])
             return _put_tile(out, start, mine, lax.dynamic_slice_in_dim(x, start, block) @ _expert(w, e[j]))
 
-        return lax.fori_loop(0, used, body, _zeros_after((rows, w.shape[2]), x.dtype, x))
+        return lax.fori_loop(0, used, body, _zeros_after(x, ((rows, w.shape[2]), x.dtype))[0])
 
     @jax.custom_vjp
     def gmm(x, w, g, ge):
@@ -261,8 +265,8 @@ def _gmm_function(rows, block, tiles):
             return dx, dw
 
         # dw sums over many tiles: accumulate in float32 (bf16 weights too).
-        dw = _zeros_after(w.shape, jnp.float32, dy)
-        dx, dw = lax.fori_loop(0, used, body, (_zeros_after(x.shape, x.dtype, dy), dw))
+        init = _zeros_after(dy, (x.shape, x.dtype), (w.shape, jnp.float32))
+        dx, dw = lax.fori_loop(0, used, body, init)
         no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (g, ge))  # int inputs
         return (dx, dw.astype(w.dtype), *no_grad)
 
@@ -324,8 +328,7 @@ def _fused_swiglu_function(rows, block, tiles):
             return out, gate, up
 
         saved = (rows, inter) if save else (1, 1)
-        init = (_zeros_after((rows, hidden), x.dtype, x), _zeros_after(saved, x.dtype, x),
-                _zeros_after(saved, x.dtype, x))
+        init = _zeros_after(x, ((rows, hidden), x.dtype), (saved, x.dtype), (saved, x.dtype))
         return lax.fori_loop(0, used, body, init)
 
     @jax.custom_vjp
@@ -360,8 +363,8 @@ def _fused_swiglu_function(rows, block, tiles):
             dwu = _add_to_expert(dwu, ej, jnp.matmul(xs.T, db, preferred_element_type=f32))
             return dx, dwg, dwu, dwd
 
-        init = (_zeros_after(x.shape, x.dtype, dy), _zeros_after(wg.shape, f32, dy),
-                _zeros_after(wu.shape, f32, dy), _zeros_after(wd.shape, f32, dy))
+        init = _zeros_after(dy, (x.shape, x.dtype), (wg.shape, f32), (wu.shape, f32),
+                            (wd.shape, f32))
         dx, dwg, dwu, dwd = lax.fori_loop(0, used, body, init)
         no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (g, ge))  # int inputs
         return (dx, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype), *no_grad)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import List, Optional
 
@@ -120,6 +121,62 @@ def _local_experts_block(x, experts, weights, gate, up, down, *, shape: Dispatch
     return out, jnp.zeros((), jnp.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def _chunk_gathers():
+    """(to_chunks, to_tokens): the moves between a device's tokens [T, H]
+    and its chunk rows [R, H] in one round, each the other's transpose.
+    Both directions are gathers, because both maps are known: chunk row r
+    holds assignment row_assign[r] of token row_token[r] (row_valid), and
+    assignment (t, j) sits at chunk row a_row[t, j] (a_mine[t, j]; one to
+    one with the valid rows). Autodiff of a gather would scatter-add into
+    a zeroed [R, H] buffer instead (three such buffers at the mini step's
+    peak under expert parallel 4)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def no_grad(*ints):
+        return tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in ints)
+
+    def gather_assignments(rows, a_row, a_mine):  # [R, H] -> [T, K, H]
+        return jnp.where(a_mine[..., None], rows[a_row], 0)
+
+    @jax.custom_vjp
+    def to_chunks(x, row_token, row_valid, a_row, a_mine):
+        """Chunk row r <- x[row_token[r]] (zero where not valid)."""
+        return jnp.where(row_valid[:, None], x[row_token], 0)
+
+    def to_chunks_fwd(x, row_token, row_valid, a_row, a_mine):
+        return to_chunks(x, row_token, row_valid, a_row, a_mine), (row_token, row_valid,
+                                                                  a_row, a_mine)
+
+    def to_chunks_bwd(res, d_rows):
+        row_token, row_valid, a_row, a_mine = res
+        d_x = jnp.sum(gather_assignments(d_rows, a_row, a_mine), axis=1)
+        return (d_x, *no_grad(row_token, row_valid, a_row, a_mine))
+
+    to_chunks.defvjp(to_chunks_fwd, to_chunks_bwd)
+
+    @jax.custom_vjp
+    def to_tokens(rows, w, a_row, a_mine, row_token, row_assign, row_valid):
+        """out[t] = sum_j w[t, j] * rows[a_row[t, j]] over t's assignments here."""
+        return jnp.sum(gather_assignments(rows, a_row, a_mine) * w[..., None], axis=1)
+
+    def to_tokens_fwd(rows, w, *ints):
+        return to_tokens(rows, w, *ints), (rows, w, *ints)
+
+    def to_tokens_bwd(res, ct):
+        rows, w, a_row, a_mine, row_token, row_assign, row_valid = res
+        w_row = w.reshape(-1)[row_assign][:, None]
+        d_rows = jnp.where(row_valid[:, None], ct[row_token] * w_row, 0)
+        d_w = jnp.sum(gather_assignments(rows, a_row, a_mine) * ct[:, None, :], axis=-1)
+        return (d_rows, d_w.astype(w.dtype), *no_grad(a_row, a_mine, row_token, row_assign,
+                                                       row_valid))
+
+    to_tokens.defvjp(to_tokens_fwd, to_tokens_bwd)
+    return to_chunks, to_tokens
+
+
 def _round(r, x, weights, gate, up, down, order, per_dest, dest_start, dest_count, a_dest,
            a_offset, *, shape: DispatchShape):
     """All-to-all round r: chunk d carries rows r*C .. (r+1)*C - 1 of this
@@ -138,12 +195,20 @@ def _round(r, x, weights, gate, up, down, order, per_dest, dest_start, dest_coun
 
     n, shards, local, rows = order.shape[0], shape.shards, shape.local_experts, shape.capacity
     k = shape.top_k
+    to_chunks, to_tokens = _chunk_gathers()
     first = r * rows
     slot = jnp.arange(rows, dtype=jnp.int32)
     # Chunk d, row c <- sorted assignment dest_start[d] + first + c.
-    valid = first + slot[None, :] < dest_count[:, None]
-    source = jnp.minimum(dest_start[:, None] + first + slot[None, :], n - 1)
-    send = jnp.where(valid[..., None], x[order[source] // k], 0)  # [N, C, H]
+    valid = (first + slot[None, :] < dest_count[:, None]).reshape(-1)
+    row_assign = order[jnp.minimum(dest_start[:, None] + first + slot[None, :], n - 1)].reshape(-1)
+    row_token = row_assign // k
+    # Assignment a went to chunk a_dest[a] at row a_offset[a] - first
+    # (a_dest = N: not kept, in no chunk).
+    row = a_offset - first
+    mine = (a_dest < shards) & (row >= 0) & (row < rows)
+    a_row = jnp.minimum(a_dest, shards - 1) * rows + jnp.clip(row, 0, rows - 1)
+    a_row, mine = a_row.reshape(-1, k), mine.reshape(-1, k)
+    send = to_chunks(x, row_token, valid, a_row, mine).reshape(shards, rows, -1)  # [N, C, H]
     # Rows of each local expert in this round's window of the chunk.
     ends = jnp.cumsum(per_dest, axis=1)
     in_window = (jnp.clip(ends, first, first + rows)
@@ -157,14 +222,8 @@ def _round(r, x, weights, gate, up, down, order, per_dest, dest_start, dest_coun
     y = grouped_swiglu(recv.reshape(shards * rows, -1), group_sizes, gate, up, down,
                        group_expert)
     back = lax.all_to_all(y.reshape(shards, rows, -1), "expert", 0, 0, tiled=True)
-    back = back.reshape(shards * rows, -1)
-    # Assignment a went to chunk a_dest[a] at row a_offset[a] - first
-    # (a_dest = N: not kept, in no chunk).
-    row = a_offset - first
-    mine = (a_dest < shards) & (row >= 0) & (row < rows)
-    index = jnp.minimum(a_dest, shards - 1) * rows + jnp.clip(row, 0, rows - 1)
-    w = jnp.where(mine, weights.reshape(-1), 0).astype(back.dtype)
-    return jnp.sum((back[index] * w[:, None]).reshape(-1, k, back.shape[-1]), axis=1)
+    return to_tokens(back.reshape(shards * rows, -1), weights.astype(back.dtype), a_row, mine,
+                     row_token, row_assign, valid)
 
 
 def _dispatched_experts(shape: DispatchShape):
@@ -211,16 +270,24 @@ def _dispatched_experts(shape: DispatchShape):
     def backward(res, ct):
         first_vjp, floats, ints, rounds = res
 
+        def recomputed_vjp(r, floats, ct):
+            # The cotangent's work (the transposed combine and all-to-all)
+            # waits for the recomputed round's residuals, instead of
+            # keeping its buffers live through the forward tile loop.
+            vjp = jax.vjp(one_round(r, ints), *floats)[1]
+            residuals, tree = jax.tree_util.tree_flatten(vjp)
+            residuals, ct = optimization_barrier((residuals, ct))
+            return lambda _: jax.tree_util.tree_unflatten(tree, residuals)(ct)
+
         def round_grads(r, acc):
-            _, vjp = jax.vjp(one_round(r, ints), *floats)
-            return tuple(a + g for a, g in zip(acc, vjp(ct)))
+            return tuple(a + g for a, g in zip(acc, recomputed_vjp(r, floats, ct)(ct)))
 
         if first_vjp is None:
             # The barrier (on inputs and cotangent) keeps XLA from merging
             # the recomputed round with the forward one, which would keep
             # the forward's activations alive after all.
             floats, ct = optimization_barrier((floats, ct))
-            first_vjp = jax.vjp(one_round(0, ints), *floats)[1]
+            first_vjp = recomputed_vjp(0, floats, ct)
         grads = lax.fori_loop(1, rounds, round_grads, tuple(first_vjp(ct)))
         no_grad = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in (*ints, rounds))
         return (*grads, *no_grad)
