@@ -6,6 +6,10 @@
 # backend, which runs the model tests a second time on TF and Keras 3.12.
 # Extra arguments go to both pytest runs; a run whose selection is empty
 # (pytest's exit 5, e.g. `-k trainer` in the engine run) is not a failure.
+# Each run spreads its test files over one pytest-xdist worker per core
+# (`--dist loadfile`: a file's tests and module fixtures stay in one worker;
+# most tests are single-threaded Python, so two cores take ~half the time).
+# TEST_WORKERS=0 runs them in-process, one after another.
 # What the tests need outside the venvs (headless chromium) is installed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,12 +19,14 @@ scripts/install_test_deps.sh  # chromium, for the run report's browser test
 echo "== ruff check"
 .venv/bin/ruff check .
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONHASHSEED=0
+WORKERS=(-n "${TEST_WORKERS:-$(nproc)}" --dist loadfile)
+[[ "${TEST_WORKERS:-}" == 0 ]] && WORKERS=()
 ENGINE_TESTS=(tests/unit/model tests/integration/test_engine.py tests/integration/test_expert_parallel.py)
 
 pytest_in() {  # pytest_in PYTHON ARGS...
   local python="$1" rc=0
   shift
-  "$python" -m pytest -p no:cacheprovider -q --durations=25 "$@" || rc=$?
+  "$python" -m pytest -p no:cacheprovider -q --durations=25 "${WORKERS[@]}" "$@" || rc=$?
   [[ $rc -eq 0 || $rc -eq 5 ]] || exit "$rc"
 }
 
