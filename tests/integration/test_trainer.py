@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -112,9 +113,23 @@ def examples(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, examples):
-    """One uninterrupted 20-step run (checkpoints every 10, logs every 5)."""
+    """One uninterrupted 20-step run (checkpoints every 10, logs every 5);
+    the summary gains `engine_returned_at`: when the engine's process had
+    ended and the Trainer went on (what "live" events must precede)."""
+    from training import launch
+
     fn_args = _fn_args(tmp_path_factory.mktemp("trained"), examples)
-    summary, lines = _run(fn_args)
+    run_worker, returned = launch.run_worker, []
+
+    def timed_run_worker(*args, **kwargs):
+        result = run_worker(*args, **kwargs)
+        returned.append(time.time())
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launch, "run_worker", timed_run_worker)
+        summary, lines = _run(fn_args)
+    (summary["engine_returned_at"],) = returned
     return fn_args, summary, lines
 
 
@@ -195,7 +210,7 @@ def _scalar(points, step):
 
 def test_tensorboard_events_are_written_live(trained):
     """A point per log interval for every scalar (engine metrics, per MoE layer
-    balance), written while the engine still trained; the expert load of each
+    balance), written while the engine still ran; the expert load of each
     MoE layer as a heatmap image and a histogram; eval at the end."""
     fn_args, summary, _ = trained
     events = _events(fn_args.model_run_dir)
@@ -213,12 +228,14 @@ def test_tensorboard_events_are_written_live(trained):
     # Warmup reaches the peak at the 5th update; cosine decay follows.
     assert _scalar(events["train/learning_rate"], 5) == pytest.approx(3e-3)
     assert _scalar(events["train/learning_rate"], 20) < _scalar(events["train/learning_rate"], 10) < 3e-3
-    # Live: the curves were on disk, from the first interval on, before the
-    # engine's last step ended (later points may trail the engine a little).
-    finished = summary["train_finished_at"]
+    # Live: the curves were on disk, from the first interval on, while the
+    # engine still ran, not after it (later points may trail the engine a
+    # little; under load, so may the first one trail its last step).
+    ended = summary["engine_returned_at"]
+    assert summary["train_finished_at"] < ended
     for tag in tags:
         step, wall_time = events[tag][0][:2]
-        assert step == 5 and wall_time < finished, (tag, wall_time, finished)
+        assert step == 5 and wall_time < ended, (tag, wall_time, ended)
         assert [p[1] for p in events[tag]] == sorted(p[1] for p in events[tag]), tag
     # Balance scalars agree with the engine's interval statistics.
     last = summary["expert_utilization_last_interval"]["layers_1"]
