@@ -42,7 +42,7 @@ import keras
 from keras import ops
 
 from .config import DeepSeekV3Config
-from .grouped_matmul import fused_grouped_swiglu, grouped_matmul, tile_rows, use_fused_swiglu
+from .grouped_matmul import fused_grouped_swiglu, grouped_matmul, tile_rows, unsort_rows, use_fused_swiglu
 from .mlp import SwiGLUMLP
 from .sharding import EXPERT, REPLICATED
 
@@ -96,6 +96,8 @@ def routed_expert_outputs(x, flat_experts, kept, k, gate_proj, up_proj, down_pro
     out = grouped_swiglu(ops.take(x, order // k, axis=0), group, gate_proj, up_proj, down_proj)
     position = ops.scatter_update(ops.zeros((n,), "int32"), order[:, None],
                                   ops.arange(n, dtype="int32"))
+    if use_fused_swiglu():  # the JAX loop path (model/grouped_matmul.py)
+        return unsort_rows(out, ops.cast(order, "int32"), position)
     return ops.take(out, position, axis=0)
 
 
