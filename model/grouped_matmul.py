@@ -174,6 +174,14 @@ def _zeros_after(operand, *specs):
     return tuple(jnp.broadcast_to(z, shape) for z, (shape, _) in zip(scalars, specs))
 
 
+def no_gradients(*ints):
+    """The custom VJPs' cotangents for integer inputs (float0 zeros)."""
+    import jax
+    import numpy as np
+
+    return tuple(np.zeros(np.shape(i), jax.dtypes.float0) for i in ints)
+
+
 def _tile_window(rows, block, lo, hi):
     """(first row of the block-row slice holding rows [lo, hi), which of its
     rows those are [block, 1]): the slice is shifted back to stay in range."""
@@ -230,7 +238,6 @@ def _gmm_function(rows, block, tiles):
     jit it is inlined."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax import lax
 
     window = functools.partial(_tile_window, rows, block)
@@ -267,8 +274,7 @@ def _gmm_function(rows, block, tiles):
         # dw sums over many tiles: accumulate in float32 (bf16 weights too).
         init = _zeros_after(dy, (x.shape, x.dtype), (w.shape, jnp.float32))
         dx, dw = lax.fori_loop(0, used, body, init)
-        no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (g, ge))  # int inputs
-        return (dx, dw.astype(w.dtype), *no_grad)
+        return (dx, dw.astype(w.dtype), *no_gradients(g, ge))
 
     gmm.defvjp(gmm_fwd, gmm_bwd)
     return jax.jit(gmm)
@@ -290,7 +296,6 @@ def unsort_rows(out, order, position):
 @functools.lru_cache(maxsize=None)
 def _unsort_rows_function():
     import jax
-    import numpy as np
 
     @jax.custom_vjp
     def unsort(out, order, position):
@@ -301,8 +306,7 @@ def _unsort_rows_function():
 
     def unsort_bwd(res, d_y):
         order, position = res
-        no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (order, position))
-        return (d_y[order], *no_grad)
+        return (d_y[order], *no_gradients(order, position))
 
     unsort.defvjp(unsort_fwd, unsort_bwd)
     return unsort
@@ -341,7 +345,6 @@ def _fused_swiglu_function(rows, block, tiles):
     _gmm_function."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax import lax
 
     window = functools.partial(_tile_window, rows, block)
@@ -400,8 +403,8 @@ def _fused_swiglu_function(rows, block, tiles):
         init = _zeros_after(dy, (x.shape, x.dtype), (wg.shape, f32), (wu.shape, f32),
                             (wd.shape, f32))
         dx, dwg, dwu, dwd = lax.fori_loop(0, used, body, init)
-        no_grad = tuple(np.zeros(i.shape, jax.dtypes.float0) for i in (g, ge))  # int inputs
-        return (dx, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype), *no_grad)
+        return (dx, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype),
+                *no_gradients(g, ge))
 
     swiglu.defvjp(swiglu_fwd, swiglu_bwd)
     return jax.jit(swiglu)

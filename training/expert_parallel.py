@@ -133,10 +133,8 @@ def _chunk_gathers():
     peak under expert parallel 4)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    def no_grad(*ints):
-        return tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in ints)
+    from model.grouped_matmul import no_gradients
 
     def gather_assignments(rows, a_row, a_mine):  # [R, H] -> [T, K, H]
         return jnp.where(a_mine[..., None], rows[a_row], 0)
@@ -153,7 +151,7 @@ def _chunk_gathers():
     def to_chunks_bwd(res, d_rows):
         row_token, row_valid, a_row, a_mine = res
         d_x = jnp.sum(gather_assignments(d_rows, a_row, a_mine), axis=1)
-        return (d_x, *no_grad(row_token, row_valid, a_row, a_mine))
+        return (d_x, *no_gradients(row_token, row_valid, a_row, a_mine))
 
     to_chunks.defvjp(to_chunks_fwd, to_chunks_bwd)
 
@@ -170,8 +168,8 @@ def _chunk_gathers():
         w_row = w.reshape(-1)[row_assign][:, None]
         d_rows = jnp.where(row_valid[:, None], ct[row_token] * w_row, 0)
         d_w = jnp.sum(gather_assignments(rows, a_row, a_mine) * ct[:, None, :], axis=-1)
-        return (d_rows, d_w.astype(w.dtype), *no_grad(a_row, a_mine, row_token, row_assign,
-                                                       row_valid))
+        return (d_rows, d_w.astype(w.dtype),
+                *no_gradients(a_row, a_mine, row_token, row_assign, row_valid))
 
     to_tokens.defvjp(to_tokens_fwd, to_tokens_bwd)
     return to_chunks, to_tokens
@@ -238,11 +236,9 @@ def _dispatched_experts(shape: DispatchShape):
     residuals are kept and only the extra rounds (overflow, rare) are
     recomputed. Either way memory stays capacity-sized."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from jax import lax
 
-    from model.grouped_matmul import optimization_barrier, per_device_code
+    from model.grouped_matmul import no_gradients, optimization_barrier, per_device_code
 
     def one_round(r, ints):
         def run(*floats):
@@ -270,27 +266,28 @@ def _dispatched_experts(shape: DispatchShape):
     def backward(res, ct):
         first_vjp, floats, ints, rounds = res
 
-        def recomputed_vjp(r, floats, ct):
+        def recomputed_grads(r, floats, ct):
             # The cotangent's work (the transposed combine and all-to-all)
             # waits for the recomputed round's residuals, instead of
             # keeping its buffers live through the forward tile loop.
             vjp = jax.vjp(one_round(r, ints), *floats)[1]
             residuals, tree = jax.tree_util.tree_flatten(vjp)
             residuals, ct = optimization_barrier((residuals, ct))
-            return lambda _: jax.tree_util.tree_unflatten(tree, residuals)(ct)
+            return tuple(jax.tree_util.tree_unflatten(tree, residuals)(ct))
 
         def round_grads(r, acc):
-            return tuple(a + g for a, g in zip(acc, recomputed_vjp(r, floats, ct)(ct)))
+            return tuple(a + g for a, g in zip(acc, recomputed_grads(r, floats, ct)))
 
         if first_vjp is None:
             # The barrier (on inputs and cotangent) keeps XLA from merging
             # the recomputed round with the forward one, which would keep
             # the forward's activations alive after all.
             floats, ct = optimization_barrier((floats, ct))
-            first_vjp = recomputed_vjp(0, floats, ct)
-        grads = lax.fori_loop(1, rounds, round_grads, tuple(first_vjp(ct)))
-        no_grad = tuple(np.zeros(jnp.shape(i), jax.dtypes.float0) for i in (*ints, rounds))
-        return (*grads, *no_grad)
+            first = recomputed_grads(0, floats, ct)
+        else:
+            first = tuple(first_vjp(ct))
+        grads = lax.fori_loop(1, rounds, round_grads, first)
+        return (*grads, *no_gradients(*ints, rounds))
 
     experts.defvjp(forward, backward)
     return experts
