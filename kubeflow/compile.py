@@ -119,8 +119,9 @@ def beam_pipeline_args(runner: str = "DirectRunner", extra_args: Sequence[str] =
                        direct_defaults: Sequence[str] = ()) -> List[str]:
     """``--runner=<runner>`` + the pass-through arguments. The DirectRunner
     keeps `direct_defaults` (the settings' in-pod defaults) unless arguments
-    are given; other runners get only what is passed, and the ones that need
-    a cluster address are checked."""
+    are given, and with neither is the empty list (Beam's default runner);
+    other runners get only what is passed, and the ones that need a cluster
+    address are checked."""
     if runner not in BEAM_RUNNERS:
         raise CompileError(f"--beam-runner: must be one of {BEAM_RUNNERS}, got {runner!r}")
     extra = list(extra_args or [])
@@ -138,6 +139,10 @@ def beam_pipeline_args(runner: str = "DirectRunner", extra_args: Sequence[str] =
     args = [f"--runner={runner}"]
     if runner == "DirectRunner" and not extra:
         args += [a for a in direct_defaults if not a.startswith("--runner")]
+        if len(args) == 1:
+            # Beam's default runner as is: no arguments, so TFX builds no
+            # ephemeral sdist in each Beam pod (pipeline.settings).
+            return []
     return args + extra
 
 

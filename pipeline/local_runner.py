@@ -7,8 +7,6 @@ import datetime
 import os
 from typing import Optional
 
-from tfx import v1 as tfx
-
 from pipeline.pipeline import create_pipeline
 from pipeline.settings import PipelineSettings
 
@@ -22,6 +20,7 @@ def run_local(settings: PipelineSettings, run_id: Optional[str] = None) -> str:
     """Runs the pipeline; returns its pipeline-run id, the name of the run's
     `pipeline_run` context in ML Metadata (`run_id`, else a new one)."""
     from tfx.dsl.compiler import compiler, constants
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
     from tfx.orchestration.portable import runtime_parameter_utils
 
     from pipeline.metadata_store import redact_passwords_in_logs, target_of
@@ -37,5 +36,5 @@ def run_local(settings: PipelineSettings, run_id: Optional[str] = None) -> str:
     # only fills the run id when it is still unset.
     run_id = run_id or new_run_id()
     runtime_parameter_utils.substitute_runtime_parameter(ir, {constants.PIPELINE_RUN_ID_PARAMETER_NAME: run_id})
-    tfx.orchestration.LocalDagRunner().run_with_ir(ir)
+    LocalDagRunner().run_with_ir(ir)
     return run_id

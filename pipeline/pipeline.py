@@ -16,9 +16,17 @@ from __future__ import annotations
 import json
 from typing import List, Optional
 
-from tfx import v1 as tfx
+# The modules themselves, not `tfx.v1`: its `extensions` import the Vertex AI
+# client library (~5 s of every process that builds the DAG).
+from tfx.components import Evaluator, ExampleValidator, ImportExampleGen, Pusher, StatisticsGen, Trainer
 from tfx.dsl.components.base import executor_spec
-from tfx.proto import example_gen_pb2
+from tfx.dsl.components.common.importer import Importer
+from tfx.dsl.components.common.resolver import Resolver
+from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
+from tfx.orchestration.pipeline import Pipeline
+from tfx.proto import example_gen_pb2, pusher_pb2, trainer_pb2
+from tfx.types import standard_artifacts
+from tfx.types.channel import Channel
 
 from components.curated_schema import CuratedSchemaGen
 from components.data_validation import DataValidationGate
@@ -47,7 +55,7 @@ def _example_gen(s: PipelineSettings):
             example_gen_pb2.Input.Split(name="train", pattern="train/*"),
             example_gen_pb2.Input.Split(name="eval", pattern="eval/*"),
         ])
-        return tfx.components.ImportExampleGen(input_base=s.examples_dir, input_config=input_config)
+        return ImportExampleGen(input_base=s.examples_dir, input_config=input_config)
     spec = s.data_spec
     params = {k: v for k, v in spec.to_dict().items()
               if k not in ("kind", "vocab_size", "seq_len", "seed") and v is not None}
@@ -60,10 +68,10 @@ def _example_gen(s: PipelineSettings):
 def _baseline(kind: str, candidate, serving_dir: str):
     """(the baseline Model channel or None, the nodes that produce it)."""
     if kind == "latest_blessed":
-        resolver = tfx.dsl.Resolver(
-            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        resolver = Resolver(
+            strategy_class=LatestBlessedModelStrategy,
+            model=Channel(type=standard_artifacts.Model),
+            model_blessing=Channel(type=standard_artifacts.ModelBlessing),
         ).with_id(BASELINE_RESOLVER_ID)
         return resolver.outputs["model"], [resolver]
     if kind == "latest_pushed":
@@ -76,7 +84,7 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
                     metadata_connection_config=None,
                     beam_pipeline_args: Optional[List[str]] = None,
                     trainer_platform_config=None,
-                    baseline: str = "latest_blessed") -> tfx.dsl.Pipeline:
+                    baseline: str = "latest_blessed") -> Pipeline:
     """The DAG. `baseline` (one of BASELINES) chooses what the Evaluator's
     change threshold compares against."""
     if baseline not in BASELINES:
@@ -91,9 +99,9 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
         tokenizer = tokenizer_gen.outputs["tokenizer"]
     else:
         example_gen = _example_gen(s)
-    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    statistics_gen = StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = CuratedSchemaGen(vocab_size=config.vocab_size, seq_len=s.seq_len, tokenizer=tokenizer)
-    example_validator = tfx.components.ExampleValidator(
+    example_validator = ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"])
     data_gate = DataValidationGate(anomalies=example_validator.outputs["anomalies"],
                                    statistics=statistics_gen.outputs["statistics"])
@@ -102,18 +110,18 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
     if s.base_model:
         # The checkpoint directory as a Model artifact (TFX's Importer: no
         # copy; the artifact records its uri and identity digest).
-        importer = tfx.dsl.Importer(
-            source_uri=s.base.path, artifact_type=tfx.types.standard_artifacts.Model,
+        importer = Importer(
+            source_uri=s.base.path, artifact_type=standard_artifacts.Model,
             custom_properties={"base_model_identity": s.base.identity},
         ).with_id(BASE_MODEL_IMPORTER_ID)
         base_nodes, base_model = [importer], importer.outputs["result"]
-    trainer = tfx.components.Trainer(
+    trainer = Trainer(
         run_fn=TRAINER_RUN_FN,
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],
         base_model=base_model,
-        train_args=tfx.proto.TrainArgs(num_steps=s.train_steps),
-        eval_args=tfx.proto.EvalArgs(num_steps=s.eval_steps),
+        train_args=trainer_pb2.TrainArgs(num_steps=s.train_steps),
+        eval_args=trainer_pb2.EvalArgs(num_steps=s.eval_steps),
         custom_config=s.trainer_custom_config())
     # The Trainer consumes nothing from the gate; this edge makes it wait for
     # (and be skipped by) a failed data validation.
@@ -122,7 +130,7 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
         trainer.with_platform_config(trainer_platform_config)
 
     baseline_model, baseline_nodes = _baseline(baseline, trainer.outputs["model"], s.path("serving"))
-    evaluator = tfx.components.Evaluator(
+    evaluator = Evaluator(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
         baseline_model=baseline_model,
@@ -135,17 +143,17 @@ def create_pipeline(settings: PipelineSettings, pipeline_root: Optional[str] = N
         thresholds_json=json.dumps(s.thresholds, sort_keys=True))
 
     # TFX's Pusher, but an unchanged model already served is not pushed again.
-    pusher = tfx.components.Pusher(
+    pusher = Pusher(
         custom_executor_spec=executor_spec.ExecutorClassSpec(PusherExecutor),
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         infra_blessing=checks.outputs["blessing"],
-        push_destination=tfx.proto.PushDestination(
-            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=s.path("serving"))))
+        push_destination=pusher_pb2.PushDestination(
+            filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=s.path("serving"))))
 
     components = [*(tokenizer_nodes or [example_gen]), statistics_gen, schema_gen, example_validator, data_gate,
                   *base_nodes, trainer, *baseline_nodes, evaluator, checks, pusher]
-    return tfx.dsl.Pipeline(
+    return Pipeline(
         pipeline_name=s.pipeline_name,
         pipeline_root=pipeline_root or s.path("pipeline_root"),
         components=components,

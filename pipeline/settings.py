@@ -67,8 +67,12 @@ class PipelineSettings:
     # Gate.
     thresholds: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # Orchestration.
-    beam_pipeline_args: List[str] = dataclasses.field(
-        default_factory=lambda: ["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    # Empty: Beam's default, the DirectRunner in memory with one worker. An
+    # empty list also spares each Beam component (ExampleGen, StatisticsGen,
+    # Evaluator) the sdist of the whole TFX install that TFX builds for a
+    # remote runner whenever arguments are given without a dependency flag
+    # (~3.5 s each on 2 cores; an in-process runner never reads it).
+    beam_pipeline_args: List[str] = dataclasses.field(default_factory=list)
     enable_cache: bool = True
     # Paths (default: under run_dir).
     pipeline_root: Optional[str] = None

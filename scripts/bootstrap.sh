@@ -35,32 +35,48 @@ make_venv() {
   "$py" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade "pip==24.2" "setuptools==75.1.0" "wheel==0.44.0"
   # The lock is the full resolved set, so no resolver run is needed (--no-deps).
-  "$venv/bin/python" -m pip install -q --no-deps -r "$lock"
+  # Bytecode is compiled after, by compileall on every core, not by pip on one
+  # (a file that does not compile, e.g. a package's Python 2 test data, is
+  # skipped as pip skips it).
+  "$venv/bin/python" -m pip install -q --no-deps --no-compile -r "$lock"
+  "$venv/bin/python" -m compileall -q -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
 }
 
 # --- the TFX environment
-VENV=.venv
-STAMP="$VENV/.deepseek-tfx-stamp"
-want="$(cat requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
-if ! [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
-  PY="$(find_python 3.10 3.10.13 PYTHON "TFX 1.16 needs it")"
-  make_venv "$VENV" "$PY" requirements/lock.txt
+tfx_env() {
+  local venv=.venv want py
+  local stamp="$venv/.deepseek-tfx-stamp"
+  want="$(cat requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+  [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && return 0
+  py="$(find_python 3.10 3.10.13 PYTHON "TFX 1.16 needs it")"
+  make_venv "$venv" "$py" requirements/lock.txt
   # A PEP 660 editable install (pyproject.toml), built by the setuptools pinned
   # above: no build isolation, so no download.
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
-  echo "$want" > "$STAMP"
-  echo "bootstrap: $VENV ready" >&2
-fi
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+  echo "bootstrap: $venv ready" >&2
+}
 
 # --- the engine's environment (no project install: training.launch puts this
 # checkout on the child's PYTHONPATH, scripts/run_tests.sh does the same)
-ENGINE_VENV=.venv-engine
-ENGINE_STAMP="$ENGINE_VENV/.deepseek-tfx-stamp"
-engine_want="$(sha256sum requirements/engine-lock.txt | cut -d' ' -f1)"
-if ! [[ -x "$ENGINE_VENV/bin/python" && -f "$ENGINE_STAMP" \
-        && "$(cat "$ENGINE_STAMP")" == "$engine_want" ]]; then
-  PY="$(find_python 3.12 3.12.1 PYTHON_ENGINE "the engine's lock is for it")"
-  make_venv "$ENGINE_VENV" "$PY" requirements/engine-lock.txt
-  echo "$engine_want" > "$ENGINE_STAMP"
-  echo "bootstrap: $ENGINE_VENV ready" >&2
-fi
+engine_env() {
+  local venv=.venv-engine want py
+  local stamp="$venv/.deepseek-tfx-stamp"
+  want="$(sha256sum requirements/engine-lock.txt | cut -d' ' -f1)"
+  [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && return 0
+  py="$(find_python 3.12 3.12.1 PYTHON_ENGINE "the engine's lock is for it")"
+  make_venv "$venv" "$py" requirements/engine-lock.txt
+  echo "$want" > "$stamp"
+  echo "bootstrap: $venv ready" >&2
+}
+
+# Both at once: each pip is one process, mostly one core (unpacking, compiling
+# bytecode), so two cores build the pair in about the time of the larger.
+# A venv gets its stamp only when its own build succeeded; either failing
+# fails the bootstrap after the other has finished.
+tfx_env & tfx_pid=$!
+engine_env & engine_pid=$!
+rc=0
+wait "$tfx_pid" || rc=1
+wait "$engine_pid" || rc=1
+exit "$rc"

@@ -232,6 +232,7 @@ def test_resource_and_beam_options():
         parse_memory("32GB")
     assert beam_pipeline_args("DirectRunner", (), ["--direct_num_workers=1"]) == [
         "--runner=DirectRunner", "--direct_num_workers=1"]
+    assert beam_pipeline_args("DirectRunner", (), []) == []  # Beam's default: no TFX sdist per pod
     assert beam_pipeline_args("FlinkRunner", ["--flink_master=flink:8081"], ["--direct_num_workers=1"]) == [
         "--runner=FlinkRunner", "--flink_master=flink:8081"]
     with pytest.raises(CompileError, match="--project"):
