@@ -42,6 +42,7 @@ import keras
 from keras import ops
 
 from .config import DeepSeekV3Config
+from .expert_buckets import bucket_rows, bucketed_experts
 from .grouped_matmul import fused_grouped_swiglu, grouped_matmul, tile_rows, unsort_rows, use_fused_swiglu
 from .mlp import SwiGLUMLP
 from .sharding import EXPERT, REPLICATED
@@ -313,9 +314,14 @@ class DeepSeekMoE(keras.layers.Layer):
             kept = valid_choice
         else:
             kept = self._keep_by_score(flat_experts, flat_weights, valid_choice, capacity)
-        per_choice = self._grouped_experts(flat, flat_experts, kept)
-        w = ops.cast(flat_weights * ops.cast(kept, "float32"), flat.dtype)[:, None]
-        out = ops.sum(ops.reshape(per_choice * w, (-1, k, hidden)), axis=1)
+        w = ops.cast(flat_weights * ops.cast(kept, "float32"), flat.dtype)
+        bucket = bucket_rows(ops.shape(flat_experts)[0], experts) if use_fused_swiglu() else None
+        if bucket is None:
+            per_choice = self._grouped_experts(flat, flat_experts, kept)
+            out = ops.sum(ops.reshape(per_choice * w[:, None], (-1, k, hidden)), axis=1)
+        else:  # model/expert_buckets.py; the assignments past a full bucket take the loop
+            out = bucketed_experts(flat, flat_experts, kept, w, k, *self.expert_weights(flat.dtype),
+                                   bucket)
         load = ops.segment_sum(ops.cast(valid_choice, "float32"), flat_experts, num_segments=experts)
         dropped = ops.sum(ops.cast(valid_choice, "float32")) - ops.sum(ops.cast(kept, "float32"))
         aux_sum = aux_sequences = ops.zeros((), "float32")

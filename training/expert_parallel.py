@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from typing import List, Optional
 
@@ -121,60 +120,6 @@ def _local_experts_block(x, experts, weights, gate, up, down, *, shape: Dispatch
     return out, jnp.zeros((), jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
-def _chunk_gathers():
-    """(to_chunks, to_tokens): the moves between a device's tokens [T, H]
-    and its chunk rows [R, H] in one round, each the other's transpose.
-    Both directions are gathers, because both maps are known: chunk row r
-    holds assignment row_assign[r] of token row_token[r] (row_valid), and
-    assignment (t, j) sits at chunk row a_row[t, j] (a_mine[t, j]; one to
-    one with the valid rows). Autodiff of a gather would scatter-add into
-    a zeroed [R, H] buffer instead (three such buffers at the mini step's
-    peak under expert parallel 4)."""
-    import jax
-    import jax.numpy as jnp
-
-    from model.grouped_matmul import no_gradients
-
-    def gather_assignments(rows, a_row, a_mine):  # [R, H] -> [T, K, H]
-        return jnp.where(a_mine[..., None], rows[a_row], 0)
-
-    @jax.custom_vjp
-    def to_chunks(x, row_token, row_valid, a_row, a_mine):
-        """Chunk row r <- x[row_token[r]] (zero where not valid)."""
-        return jnp.where(row_valid[:, None], x[row_token], 0)
-
-    def to_chunks_fwd(x, row_token, row_valid, a_row, a_mine):
-        return to_chunks(x, row_token, row_valid, a_row, a_mine), (row_token, row_valid,
-                                                                  a_row, a_mine)
-
-    def to_chunks_bwd(res, d_rows):
-        row_token, row_valid, a_row, a_mine = res
-        d_x = jnp.sum(gather_assignments(d_rows, a_row, a_mine), axis=1)
-        return (d_x, *no_gradients(row_token, row_valid, a_row, a_mine))
-
-    to_chunks.defvjp(to_chunks_fwd, to_chunks_bwd)
-
-    @jax.custom_vjp
-    def to_tokens(rows, w, a_row, a_mine, row_token, row_assign, row_valid):
-        """out[t] = sum_j w[t, j] * rows[a_row[t, j]] over t's assignments here."""
-        return jnp.sum(gather_assignments(rows, a_row, a_mine) * w[..., None], axis=1)
-
-    def to_tokens_fwd(rows, w, *ints):
-        return to_tokens(rows, w, *ints), (rows, w, *ints)
-
-    def to_tokens_bwd(res, ct):
-        rows, w, a_row, a_mine, row_token, row_assign, row_valid = res
-        w_row = w.reshape(-1)[row_assign][:, None]
-        d_rows = jnp.where(row_valid[:, None], ct[row_token] * w_row, 0)
-        d_w = jnp.sum(gather_assignments(rows, a_row, a_mine) * ct[:, None, :], axis=-1)
-        return (d_rows, d_w.astype(w.dtype),
-                *no_gradients(a_row, a_mine, row_token, row_assign, row_valid))
-
-    to_tokens.defvjp(to_tokens_fwd, to_tokens_bwd)
-    return to_chunks, to_tokens
-
-
 def _round(r, x, weights, gate, up, down, order, per_dest, dest_start, dest_count, a_dest,
            a_offset, *, shape: DispatchShape):
     """All-to-all round r: chunk d carries rows r*C .. (r+1)*C - 1 of this
@@ -189,11 +134,12 @@ def _round(r, x, weights, gate, up, down, order, per_dest, dest_start, dest_coun
     import jax.numpy as jnp
     from jax import lax
 
+    from model.expert_buckets import chunk_gathers
     from model.moe import grouped_swiglu
 
     n, shards, local, rows = order.shape[0], shape.shards, shape.local_experts, shape.capacity
     k = shape.top_k
-    to_chunks, to_tokens = _chunk_gathers()
+    to_chunks, to_tokens = chunk_gathers()
     first = r * rows
     slot = jnp.arange(rows, dtype=jnp.int32)
     # Chunk d, row c <- sorted assignment dest_start[d] + first + c.

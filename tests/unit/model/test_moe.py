@@ -295,3 +295,62 @@ def test_sequence_aux_loss_is_added_only_when_enabled(rng):
     without = _moe(get_preset("tiny"))
     without(x, training=True)
     assert len(without.losses) == 0
+
+
+@pytest.mark.parametrize("case", ["balanced", "overflow", "pads"])
+def test_expert_buckets_equal_the_tile_loop_and_the_dense_reference(rng, monkeypatch, case):
+    """model/expert_buckets.py: the same outputs and gradients as the tile
+    loop alone and every-expert-on-every-token, whether every assignment
+    fits its expert's bucket, two experts overflow theirs (the rest through
+    the loop), or pads are in the batch."""
+    from model import expert_buckets
+    from model.grouped_matmul import use_fused_swiglu
+
+    if not use_fused_swiglu():
+        pytest.skip("the buckets run where the JAX tile loop runs (one CPU device)")
+    c = get_preset("tiny", n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    moe = _moe(c, rng=rng)
+    tokens = 128
+    capacity = expert_buckets.bucket_rows(tokens * 2, 4)
+    assert capacity == 80  # 1.25 x the mean of 64, a multiple of 8
+    if case == "overflow":  # experts 0 and 1 take every token: 128 > 80 rows each
+        moe.gate.e_score_correction_bias.assign(np.array([2.0, 2.0, 0.0, 0.0], "float32"))
+    x = rng.normal(size=(2, tokens // 2, c.hidden_size)).astype("float32")
+    mask = np.ones((2, tokens // 2), "int32")
+    if case == "pads":
+        mask[0, :9] = mask[1, :30] = 0
+    calls = []
+    wrapped = expert_buckets.bucketed_experts
+    monkeypatch.setattr("model.moe.bucketed_experts", lambda *a: calls.append(a[8]) or wrapped(*a))
+
+    def layer(t):
+        return ops.reshape(moe(ops.reshape(t, x.shape), training=True, padding_mask=mask), (tokens, -1))
+
+    variables = [moe.experts_gate_proj, moe.experts_up_proj, moe.experts_down_proj, moe.gate.weight,
+                 moe.gate.e_score_correction_bias]
+    flat = x.reshape(tokens, -1)
+    moe(x, training=True, padding_mask=mask)
+    load = np.asarray(moe.expert_load)
+    assert (load.max() > capacity) == (case == "overflow"), load
+    buckets = _value_and_grads(layer, variables[:4], flat)
+    assert calls == [capacity] * 2
+    monkeypatch.setattr(expert_buckets, "EXPERT_BUCKETS", [False])
+    loop = _value_and_grads(layer, variables[:4], flat)
+    assert calls == [capacity] * 2  # the loop alone this time
+    for a, b in zip(buckets, loop):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    if case != "pads":
+        np.testing.assert_allclose(np.asarray(layer(flat)), np.asarray(_dense_keras(moe, flat)),
+                                   rtol=1e-4, atol=1e-6)
+        dense = _value_and_grads(lambda t: _dense_keras(moe, t), variables[:4], flat)
+        for a, b in zip(buckets, dense):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bucket_rows_leave_small_layers_to_the_tile_loop():
+    from model.expert_buckets import bucket_rows
+
+    assert bucket_rows(4096, 16) == 320 and bucket_rows(2048, 64) == 40
+    assert bucket_rows(4096, 16) % 8 == 0 and bucket_rows(100, 2) <= 100
+    assert bucket_rows(32 * 64 - 1, 64) is None  # fewer than 32 rows per expert
+    assert bucket_rows(8, 64) is None  # decoding a few tokens
