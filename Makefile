@@ -7,7 +7,8 @@ env:
 run: env
 	.venv/bin/deepseek-tfx run
 
-test: env
+# run_tests.sh builds what is missing itself (the TFX venv beside the engine's tests).
+test:
 	scripts/run_tests.sh
 
 benchmarks: env

@@ -70,10 +70,18 @@ engine_env() {
   echo "bootstrap: $venv ready" >&2
 }
 
-# Both at once: each pip is one process, mostly one core (unpacking, compiling
-# bytecode), so two cores build the pair in about the time of the larger.
-# A venv gets its stamp only when its own build succeeded; either failing
-# fails the bootstrap after the other has finished.
+# `bootstrap.sh tfx` or `bootstrap.sh engine`: that one only (the test
+# command builds the TFX venv while the engine's tests run). Without an
+# argument both at once: each pip is one process, mostly one core (unpacking,
+# compiling bytecode), so two cores build the pair in about the time of the
+# larger. A venv gets its stamp only when its own build succeeded; either
+# failing fails the bootstrap after the other has finished.
+case "${1:-both}" in
+  tfx) tfx_env; exit ;;
+  engine) engine_env; exit ;;
+  both) ;;
+  *) echo "bootstrap: unknown argument '$1' (tfx, engine or none for both)" >&2; exit 2 ;;
+esac
 tfx_env & tfx_pid=$!
 engine_env & engine_pid=$!
 rc=0

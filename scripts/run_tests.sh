@@ -11,13 +11,17 @@
 # most tests are single-threaded Python, so two cores take ~half the time).
 # TEST_WORKERS=0 runs them in-process, one after another.
 # What the tests need outside the venvs (headless chromium) is installed first.
+# The venvs come from scripts/bootstrap.sh (a no-op when they are up to date);
+# on a fresh clone the TFX venv is built while the engine's tests run: its pip
+# is one process, and the tests leave a core idle part of the time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The ML Metadata on MySQL tests start a throwaway MariaDB from these binaries.
 scripts/ensure_mariadb.sh
 scripts/install_test_deps.sh  # chromium, for the run report's browser test
-echo "== ruff check"
-.venv/bin/ruff check .
+scripts/bootstrap.sh engine
+scripts/bootstrap.sh tfx & tfx_venv=$!
+trap 'kill "$tfx_venv" 2>/dev/null || true' EXIT  # a failed engine run stops the build too
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONHASHSEED=0
 WORKERS=(-n "${TEST_WORKERS:-$(nproc)}" --dist loadfile)
 [[ "${TEST_WORKERS:-}" == 0 ]] && WORKERS=()
@@ -32,6 +36,10 @@ pytest_in() {  # pytest_in PYTHON ARGS...
 
 echo "== pytest in .venv-engine (KERAS_BACKEND=jax: model tests, engine tests)"
 PYTHONPATH="$PWD" KERAS_BACKEND=jax pytest_in .venv-engine/bin/python "${ENGINE_TESTS[@]}" "$@"
+wait "$tfx_venv" || { echo "scripts/bootstrap.sh tfx failed (its messages are above)" >&2; exit 1; }
+trap - EXIT
+echo "== ruff check"
+.venv/bin/ruff check .
 echo "== pytest in .venv (KERAS_BACKEND=tensorflow: all other tests, model tests again)"
 KERAS_BACKEND=tensorflow pytest_in .venv/bin/python --ignore=tests/integration/test_engine.py \
   --ignore=tests/integration/test_expert_parallel.py "$@"
