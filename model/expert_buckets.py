@@ -109,11 +109,9 @@ def _bucketed_function(k, capacity):
 
     def through_the_loop(x, flat_experts, weights, gate_proj, up_proj, down_proj, mask):
         """The same sum over the `mask`ed assignments by the sorted tile loop."""
-        from model.moe import routed_expert_outputs
+        from model.moe import routed_expert_sum
 
-        per_choice = routed_expert_outputs(x, flat_experts, mask, k, gate_proj, up_proj, down_proj)
-        per_choice = per_choice * (weights * mask.astype(weights.dtype))[:, None]
-        return jnp.sum(per_choice.reshape(-1, k, x.shape[1]), axis=1)
+        return routed_expert_sum(x, flat_experts, mask, weights, k, gate_proj, up_proj, down_proj)
 
     def bucketed(x, flat_experts, kept, weights, gate_proj, up_proj, down_proj):
         experts = gate_proj.shape[0]

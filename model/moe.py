@@ -102,6 +102,15 @@ def routed_expert_outputs(x, flat_experts, kept, k, gate_proj, up_proj, down_pro
     return ops.take(out, position, axis=0)
 
 
+def routed_expert_sum(x, flat_experts, kept, weights, k, gate_proj, up_proj, down_proj):
+    """sum_j weights[t, j] * (assignment (t, j)'s expert output) over t's kept
+    assignments -> [T, hidden], by routed_expert_outputs (the tile loop);
+    weights [T*K] or [T, K]."""
+    per_choice = routed_expert_outputs(x, flat_experts, kept, k, gate_proj, up_proj, down_proj)
+    w = ops.cast(ops.reshape(weights, (-1, k)), per_choice.dtype)
+    return ops.sum(ops.reshape(per_choice, (-1, k, ops.shape(per_choice)[-1])) * w[..., None], axis=1)
+
+
 def topk_route(c: DeepSeekV3Config, x, weight, bias):
     """The gate as a function of its weights (the per-device dispatch calls it
     on each device's tokens): (expert indices [T, K], weights [T, K], scores [T, E])."""
@@ -259,13 +268,6 @@ class DeepSeekMoE(keras.layers.Layer):
         position = ops.scatter_update(ops.zeros((n,), "int32"), order[:, None], position_sorted)
         return ops.logical_and(valid, position < capacity)
 
-    def _grouped_experts(self, x, flat_experts, kept):
-        """SwiGLU of every kept assignment by its expert. Returns [N, hidden]
-        in assignment order (zeros where not kept)."""
-        return routed_expert_outputs(
-            x, flat_experts, kept, self.config.num_experts_per_tok,
-            self.experts_gate_proj, self.experts_up_proj, self.experts_down_proj)
-
     def expert_weights(self, dtype):
         """The routed experts' (gate, up, down) weights [E, ...] in `dtype`."""
         return tuple(ops.cast(v, dtype) for v in
@@ -304,7 +306,7 @@ class DeepSeekMoE(keras.layers.Layer):
     def _routed(self, flat, valid, training, batch, seq_len, masked):
         """The routed experts on this process's arrays (one device, TF)."""
         c = self.config
-        experts, k, hidden = c.n_routed_experts, c.num_experts_per_tok, ops.shape(flat)[1]
+        experts, k = c.n_routed_experts, c.num_experts_per_tok
         flat_experts, flat_weights, valid_choice, scores = routed_assignments(
             c, flat, valid, self.gate.weight, self.gate.e_score_correction_bias)
         real_tokens = ops.sum(ops.cast(valid, "float32"))
@@ -317,8 +319,8 @@ class DeepSeekMoE(keras.layers.Layer):
         w = ops.cast(flat_weights * ops.cast(kept, "float32"), flat.dtype)
         bucket = bucket_rows(ops.shape(flat_experts)[0], experts) if use_fused_swiglu() else None
         if bucket is None:
-            per_choice = self._grouped_experts(flat, flat_experts, kept)
-            out = ops.sum(ops.reshape(per_choice * w[:, None], (-1, k, hidden)), axis=1)
+            out = routed_expert_sum(flat, flat_experts, kept, w, k, self.experts_gate_proj,
+                                    self.experts_up_proj, self.experts_down_proj)
         else:  # model/expert_buckets.py; the assignments past a full bucket take the loop
             out = bucketed_experts(flat, flat_experts, kept, w, k, *self.expert_weights(flat.dtype),
                                    bucket)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The test command: the linter first (ruff, configured in pyproject.toml),
-# then, in the engine's environment (.venv-engine: Python 3.12, current JAX),
-# the backend-agnostic model tests under JAX and the engine's own tests, then
-# the rest of the suite in the TFX environment (.venv) under the TensorFlow
-# backend, which runs the model tests a second time on TF and Keras 3.12.
+# The test command: in the engine's environment (.venv-engine: Python 3.12,
+# current JAX), the backend-agnostic model tests under JAX and the engine's
+# own tests; then the linter (ruff, configured in pyproject.toml; it lives in
+# the TFX venv, built meanwhile) and the rest of the suite in the TFX
+# environment (.venv) under the TensorFlow backend, which runs the model
+# tests a second time on TF and Keras 3.12.
 # Extra arguments go to both pytest runs; a run whose selection is empty
 # (pytest's exit 5, e.g. `-k trainer` in the engine run) is not a failure.
 # Each run spreads its test files over one pytest-xdist worker per core

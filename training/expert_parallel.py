@@ -110,13 +110,12 @@ def _local_experts_block(x, experts, weights, gate, up, down, *, shape: Dispatch
     """Expert axis 1: this device's assignments through all (replicated) experts."""
     import jax.numpy as jnp
 
-    from model.moe import routed_expert_outputs
+    from model.moe import routed_expert_sum
 
-    t, k = experts.shape
+    k = experts.shape[1]
     flat = experts.reshape(-1)
     kept = flat < shape.experts
-    per_choice = routed_expert_outputs(x, jnp.where(kept, flat, 0), kept, k, gate, up, down)
-    out = (per_choice.reshape(t, k, -1) * weights[..., None].astype(per_choice.dtype)).sum(1)
+    out = routed_expert_sum(x, jnp.where(kept, flat, 0), kept, weights, k, gate, up, down)
     return out, jnp.zeros((), jnp.int32)
 
 
