@@ -219,6 +219,39 @@ def test_every_executor_imports_from_the_installed_package(compiled):
     assert not os.path.exists(os.path.join(compiled["root"], "_wheels"))
 
 
+def test_fork_server_runs_a_module_as_python_m_would(tmp_path):
+    """The emulator's tasks are forked from one interpreter that did the
+    imports: each child still gets its own cwd (first on sys.path), argv,
+    environment and log, and its exit status and timeout are the task's."""
+    kfp_local = _kfp_local()
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "probe.py").write_text(
+        "import json, os, sys, time\n"
+        "print(json.dumps({'cwd': os.getcwd(), 'argv': sys.argv[1:], 'env': os.environ.get('PROBE'),\n"
+        "                  'name': __name__}))\n"
+        "if sys.argv[1] == 'sleep':\n"
+        "    time.sleep(60)\n"
+        "sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1])\n")
+    log = tmp_path / "task.log"
+    server = kfp_local._ForkServer(sys.executable, ["json"], dict(os.environ), str(tmp_path),
+                                   str(tmp_path / "server.log"))
+    try:
+        env = {**os.environ, "PROBE": "task env"}
+        assert server.run("probe", ["0", "--flag"], str(task), env, str(log), timeout=30) == (0, False)
+        record = json.loads(log.read_text().splitlines()[0])
+        assert record == {"cwd": str(task), "argv": ["0", "--flag"], "env": "task env", "name": "__main__"}
+        assert server.run("probe", ["3"], str(task), env, str(log), timeout=30) == (3, False)
+        assert server.run("probe", ["bad input"], str(task), env, str(log), timeout=30) == (1, False)
+        assert log.read_text().splitlines()[-1] == "bad input"  # SystemExit's message, as python prints it
+        assert server.run("probe", ["sleep"], str(task), env, str(log), timeout=1)[1] is True
+        assert server.run("no_such_module", [], str(task), env, str(log), timeout=30) == (1, False)
+        assert "No module named no_such_module" in log.read_text()
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
+
+
 def test_resource_and_beam_options():
     from kubeflow.compile import CompileError, beam_pipeline_args, parse_cpu, parse_memory
 

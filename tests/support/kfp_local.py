@@ -10,9 +10,13 @@ For every task of ``root.dag``, in topological order:
   the pipeline root (``<root>/<pipeline>/<run id>/<task>/<output key>``),
   building the ``ExecutorInput`` and substituting it for ``{{$}}`` (and the
   other ``{{$.…}}`` placeholders) in the container's command and args. The
-  command then runs here as a subprocess, with this interpreter standing in
+  command then runs here as a new process, with this interpreter standing in
   for the image's ``python`` and the task directory as its working
-  directory, so nothing is imported from the caller's directory. Afterwards
+  directory, so nothing is imported from the caller's directory. A
+  ``python -m`` command is forked from tests/support/kfp_fork_server.py,
+  which has imported the spec's entrypoints and executor classes once
+  (~10 s a task otherwise, before any work); ``fork_server=False`` starts
+  every command as a fresh interpreter instead. Afterwards
   the ``ExecutorOutput`` file the entrypoint wrote gives the output
   artifacts' final URIs and metadata (custom properties). A lifecycle
   ``preCacheCheck`` hook (TFX's FileBasedExampleGen driver) runs first,
@@ -367,6 +371,65 @@ def _resolve_placeholders(text: str, executor_input: Dict[str, Any], executor_in
     return _PLACEHOLDER.sub(one, text)
 
 
+# --------------------------------------------------------------------------- fork server
+FORK_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kfp_fork_server.py")
+
+
+def preload_modules(spec: Dict[str, Any]) -> List[str]:
+    """What the container tasks import: their ``python -m`` entrypoints and
+    the modules of their ``--executor_class_path`` classes."""
+    modules = []
+    for executor in spec.get("deploymentSpec", {}).get("executors", {}).values():
+        container = executor.get("container")
+        if not container:
+            continue
+        parts = [*container.get("command", []), *container.get("args", [])]
+        for i, part in enumerate(parts[:-1]):
+            if part == "-m":
+                modules.append(parts[i + 1])
+            elif part == "--executor_class_path":
+                modules.append(parts[i + 1].rsplit(".", 1)[0])
+    return list(dict.fromkeys(modules))
+
+
+class _ForkServer:
+    """A kfp_fork_server.py process: ``python -m`` commands forked from one
+    interpreter that has done the imports (see that module)."""
+
+    def __init__(self, python: str, modules: Sequence[str], env: Dict[str, str], cwd: str, log_path: str):
+        self.python, self.env = python, env
+        with open(log_path, "a") as log:
+            self.proc = subprocess.Popen([python, FORK_SERVER, *modules], cwd=cwd, env=env, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            self.close()
+            raise LocalExecutionError(f"the fork server exited while importing {list(modules)} "
+                                      f"(log: {log_path})")
+
+    def run(self, module: str, args: Sequence[str], cwd: str, env: Dict[str, str], log_path: str,
+            timeout: Optional[float]) -> Tuple[int, bool]:
+        """(exit status, timed out) of `python -m module args` run in `cwd`."""
+        request = {"module": module, "args": list(args), "cwd": cwd, "env": env, "log": log_path,
+                   "timeout": timeout}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise LocalExecutionError(f"the fork server died running {module} (log: {log_path})")
+        reply = json.loads(reply)
+        return reply["rc"], reply["timed_out"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 # --------------------------------------------------------------------------- the runner
 class _Run:
     def __init__(self, spec: Dict[str, Any], runtime_config: Dict[str, Any], pipeline_root: str,
@@ -381,6 +444,7 @@ class _Run:
         self.env = env
         self.task_timeout = task_timeout
         self.log = log
+        self.fork_server: Optional[_ForkServer] = None
         self.md = _Metadata(metadata_path, self.pipeline_name, run_id)
         self.tasks: Dict[str, TaskRun] = {}
         self.root_parameters = self._root_parameters(runtime_config, parameters)
@@ -561,23 +625,34 @@ class _Run:
             command[0] = self.python  # the image's interpreter is this environment's
         return command
 
-    def _subprocess(self, command: List[str], run: TaskRun, what: str) -> None:
+    def _task_env(self) -> Dict[str, str]:
         env = dict(os.environ)
         env["KERAS_BACKEND"] = "tensorflow"  # as the images set it
         env.update(self.env or {})
+        return env
+
+    def _subprocess(self, command: List[str], run: TaskRun, what: str) -> None:
+        env = self._task_env()
         with open(run.log_path, "a") as log:
             log.write(f"$ {what}: {' '.join(c if len(c) < 200 else c[:60] + '...' for c in command)}\n")
-            log.flush()
-            try:
-                proc = subprocess.run(command, cwd=run.task_dir, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, timeout=self.task_timeout)
-            except subprocess.TimeoutExpired:
-                raise LocalExecutionError(f"{run.name}: {what} timed out after {self.task_timeout}s "
-                                          f"(log: {run.log_path})") from None
-        if proc.returncode != 0:
+        if self.fork_server is not None and command[0] == self.python and command[1:2] == ["-m"]:
+            returncode, timed_out = self.fork_server.run(command[2], command[3:], run.task_dir, env,
+                                                         run.log_path, self.task_timeout)
+        else:
+            with open(run.log_path, "a") as log:
+                try:
+                    returncode = subprocess.run(command, cwd=run.task_dir, env=env, stdout=log,
+                                                stderr=subprocess.STDOUT, timeout=self.task_timeout).returncode
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+        if timed_out:
+            raise LocalExecutionError(f"{run.name}: {what} timed out after {self.task_timeout}s "
+                                      f"(log: {run.log_path})")
+        if returncode != 0:
             with open(run.log_path) as f:
                 tail = "".join(f.readlines()[-40:])
-            raise LocalExecutionError(f"{run.name}: {what} exited with {proc.returncode} "
+            raise LocalExecutionError(f"{run.name}: {what} exited with {returncode} "
                                       f"(log: {run.log_path})\n{tail}")
 
     def _run_container(self, run: TaskRun, task, component, container) -> None:
@@ -634,7 +709,7 @@ class _Run:
 def run_compiled_locally(spec_json_path: str, pipeline_root_dir: str, metadata_path: Optional[str] = None,
                          *, run_id: Optional[str] = None, parameters: Optional[Dict[str, Any]] = None,
                          python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                         task_timeout: Optional[float] = None,
+                         task_timeout: Optional[float] = None, fork_server: bool = True,
                          log: Callable[[str], None] = print) -> LocalRunResult:
     """Runs every task of the compiled spec (a KubeflowV2DagRunner JSON, or a
     PipelineSpec JSON/YAML) here, as described in the module docstring.
@@ -642,7 +717,8 @@ def run_compiled_locally(spec_json_path: str, pipeline_root_dir: str, metadata_p
     `pipeline_root_dir` plays the run's pipeline root (as
     ``create_run(pipeline_root=...)`` would); `parameters` are the run's
     pipeline parameters. Raises `LocalExecutionError` (with ``.result``) when
-    a task fails; the tasks after it are not run."""
+    a task fails; the tasks after it are not run. `fork_server=False` starts
+    each task as a fresh interpreter (slower, as a container would)."""
     spec, runtime_config = load_spec(spec_json_path)
     pipeline_root = os.path.abspath(pipeline_root_dir)
     os.makedirs(pipeline_root, exist_ok=True)
@@ -659,14 +735,24 @@ def run_compiled_locally(spec_json_path: str, pipeline_root_dir: str, metadata_p
         log(f"note: the spec was compiled for pipeline root {compiled_root}; paths in its parameters "
             "(serving and checkpoint directories) still point there")
     log(f"local KFP run {run_id}: {len(order)} tasks under {runner.run_dir}")
-    for index, name in enumerate(order, 1):
-        log(f"[{index}/{len(order)}] {name}")
-        try:
-            runner.run_task(name)
-        except LocalExecutionError as e:
-            for rest in order[index:]:
-                runner.tasks.setdefault(rest, TaskRun(name=rest, kind="?", state="not run"))
-            e.result = result
-            raise
-        log(f"  {runner.tasks[name].state} in {runner.tasks[name].seconds:.1f}s")
+    os.makedirs(runner.run_dir, exist_ok=True)
+    if fork_server:
+        started = time.perf_counter()
+        runner.fork_server = _ForkServer(runner.python, preload_modules(spec), runner._task_env(), runner.run_dir,
+                                         os.path.join(runner.run_dir, "fork_server.log"))
+        log(f"  fork server ready in {time.perf_counter() - started:.1f}s")
+    try:
+        for index, name in enumerate(order, 1):
+            log(f"[{index}/{len(order)}] {name}")
+            try:
+                runner.run_task(name)
+            except LocalExecutionError as e:
+                for rest in order[index:]:
+                    runner.tasks.setdefault(rest, TaskRun(name=rest, kind="?", state="not run"))
+                e.result = result
+                raise
+            log(f"  {runner.tasks[name].state} in {runner.tasks[name].seconds:.1f}s")
+    finally:
+        if runner.fork_server is not None:
+            runner.fork_server.close()
     return result
