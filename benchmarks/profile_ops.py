@@ -19,7 +19,9 @@ import re
 import tempfile
 
 # (substring of op_name, part), first match wins.
-_PARTS = (("mlp/while", "routed experts: tile loops"), ("shared_experts", "shared experts"),
+_PARTS = (("jit(bucketed)/cond", "routed experts: overflow tile loop"),
+          ("mlp/while", "routed experts: tile loops"),
+          ("jit(bucketed)/e", "routed experts: buckets' batched dots"), ("shared_experts", "shared experts"),
           ("/gate/", "router"), ("layers_0))/mlp", "dense MLP"), ("layers_0)/mlp", "dense MLP"),
           ("/mlp", "routed experts: sort/gather/combine"), ("self_attn", "attention"),
           ("layernorm", "norms"), ("/norm", "norms"), ("lm_head", "LM head + loss"),
@@ -28,7 +30,9 @@ _PARTS = (("mlp/while", "routed experts: tile loops"), ("shared_experts", "share
 
 def part_of(op_name: str) -> str:
     # The tile loops sit under mlp/ directly or inside the jitted loop
-    # function (mlp/jit(swiglu)/while, mlp/jit(gmm)/while).
+    # function (mlp/jit(swiglu)/while, mlp/jit(gmm)/while); the buckets'
+    # einsums are named by their subscripts (mlp/jit(bucketed)/ech,ehi->eci)
+    # and the overflow past full buckets runs under mlp/jit(bucketed)/cond.
     op_name = re.sub(r"/mlp/jit\([^)]*\)/while", "/mlp/while", op_name)
     return next((part for key, part in _PARTS if key in op_name), "other")
 
@@ -55,7 +59,7 @@ def self_times(trace_file: str):
     return totals
 
 
-def profile(run, compiled_text: str, steps: int = 3):
+def profile(run, compiled_text: str, steps: int = 3, top: int = 20, within: str = ""):
     """-> ({part: thread-ms per step}, {op: (thread-ms per step, op_name)})."""
     import jax
 
@@ -72,7 +76,8 @@ def profile(run, compiled_text: str, steps: int = 3):
     parts = collections.Counter()
     for op, ns in totals.items():
         parts[part_of(names.get(op, ""))] += ns / steps / 1e6
-    ops = {op: (ns / steps / 1e6, names.get(op, "")) for op, ns in totals.most_common(20)}
+    ops = [(op, ns) for op, ns in totals.most_common() if not within or part_of(names.get(op, "")) == within]
+    ops = {op: (ns / steps / 1e6, names.get(op, "")) for op, ns in ops[:top]}
     return dict(parts.most_common()), ops
 
 
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="train_vs_reference",
                         help="a preset name or 'train_vs_reference'")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=20, help="how many of the costliest ops to list")
+    parser.add_argument("--part", default="", help="list only the ops of this part (e.g. attention)")
     args = parser.parse_args(argv)
     config, batch, seq_len = profile_config(args.config)
     engine = Engine(config, TrainingSettings(batch_size=batch, seq_len=seq_len,
@@ -97,7 +104,7 @@ def main(argv=None) -> int:
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq_len))
     run, _ = engine.step_runner(ids.astype("int32"))
     run(), run()  # compiled; warm
-    parts, ops = profile(run, engine.last_compiled.as_text(), args.steps)
+    parts, ops = profile(run, engine.last_compiled.as_text(), args.steps, args.top, args.part)
     total = sum(parts.values())
     print(f"busy thread-ms per step {total:.1f}, load average {os.getloadavg()[0]:.2f}")
     for part, ms in parts.items():
