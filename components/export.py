@@ -43,7 +43,14 @@ def save_keras_model(model, path: str) -> str:
 
 
 # ------------------------------------------------------------ signatures
-def serving_fn(model, seq_len: int):
+def logits_fn(model, seq_len: int):
+    """The model's float32 logits of int32 ids [B, seq_len], one traced graph
+    that both example signatures call (the model traced once, not twice)."""
+    return tf.function(lambda ids: tf.cast(model(ids, training=False), tf.float32),
+                       input_signature=[tf.TensorSpec([None, int(seq_len)], tf.int32)])
+
+
+def serving_fn(logits_of, seq_len: int):
     from model.deepseek_v3 import sparse_ce
 
     spec = {"input_ids": tf.io.FixedLenFeature([int(seq_len)], tf.int64)}
@@ -51,21 +58,21 @@ def serving_fn(model, seq_len: int):
     def serve(examples):
         parsed = tf.io.parse_example(examples, spec)
         ids = tf.cast(parsed["input_ids"], tf.int32)
-        logits = tf.cast(model(ids, training=False), tf.float32)
+        logits = logits_of(ids)
         token_loss = tf.cast(sparse_ce(logits[:, :-1], ids[:, 1:]), tf.float32)
         return {"logits": logits, "token_loss": token_loss}
 
     return serve
 
 
-def token_metrics_fn(model, seq_len: int):
+def token_metrics_fn(logits_of, seq_len: int):
     from model.deepseek_v3 import sparse_ce
 
     spec = {"input_ids": tf.io.FixedLenFeature([int(seq_len)], tf.int64)}
 
     def token_metrics(examples):
         ids = tf.cast(tf.io.parse_example(examples, spec)["input_ids"], tf.int32)
-        logits = tf.cast(model(ids, training=False), tf.float32)[:, :-1]
+        logits = logits_of(ids)[:, :-1]
         targets = ids[:, 1:]
         losses = tf.cast(sparse_ce(logits, targets), tf.float32)
         count = tf.cast(tf.shape(targets)[1], tf.float32)
@@ -191,11 +198,12 @@ def export_saved_model(model, seq_len: int, export_dir: str, tokenizer_proto: by
     file at ``assets.extra/tokenizer.model``."""
     archive = _ExportArchive()
     archive.track(model)
+    logits_of = logits_fn(model, seq_len)
     archive.add_endpoint(
-        "serving_default", serving_fn(model, seq_len),
+        "serving_default", serving_fn(logits_of, seq_len),
         input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     archive.add_endpoint(
-        "token_metrics", token_metrics_fn(model, seq_len),
+        "token_metrics", token_metrics_fn(logits_of, seq_len),
         input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     generate = archive.add_endpoint(
         "generate", generate_fn(model),

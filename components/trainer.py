@@ -193,6 +193,15 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
             mirror.on_line(line)  # each checkpoint to the URI as soon as it is in place
         log_fn(line)
 
+    phases = {"read_inputs": time.perf_counter() - started}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:  # seconds since the previous phase ended
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = now - mark
+        mark = now
+
     events = TrainingEvents(fn_args.model_run_dir, log_fn)
     try:
         engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=engine_line,
@@ -215,7 +224,9 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         _close_quietly(events)
         raise RuntimeError(f"training ended at step {engine['final_step']}, expected {train_steps}")
 
+    phase("engine")
     inference = load_trained_model(config, os.path.join(spec["output_dir"], "weights.npz"))
+    phase("load_weights")
     artifact = model_artifact_uri(fn_args.serving_model_dir)
     evaluation, eval_experts = {}, {}
     if eval_tokens is not None:
@@ -228,10 +239,14 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
                f" over {evaluation['eval_batches']} batches")
         events.write_eval(engine["final_step"], evaluation, eval_experts)
     events.close()
+    phase("evaluate")
     keras_path = export.save_keras_model(inference, os.path.join(artifact, KERAS_MODEL_PATH))
+    phase("export_keras")
     export.export_saved_model(inference, settings.seq_len, fn_args.serving_model_dir,
                               tokenizer_proto=examples_tokenizer(fn_args.train_files))
+    phase("export_saved_model")
     hf_files = export.export_hf_checkpoint(inference, fn_args.serving_model_dir, log_fn)
+    phase("export_hf")
 
     history = engine["loss_history"]
     last = history[-1] if history else {}
@@ -268,6 +283,10 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         # JAX's persistent cache (training.compile_cache): hits skip the compile.
         "compilation_cache": engine.get("compilation_cache"),
         "wall_seconds": time.perf_counter() - started,
+        # Where the wall time went: reading the inputs, the engine child (start,
+        # compile, training, weights out), the TF model's build from its
+        # weights, the eval metrics and each export.
+        "phase_seconds": phases,
         "loss_history": [{k: v for k, v in h.items() if k != "experts"} for h in history],
         "expert_utilization_last_interval": experts,
         "expert_load_per_layer": {layer: s["load_fraction"] for layer, s in experts.items()},

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -102,11 +103,29 @@ class IntegrationChecks:
         self.model = model
         self.tokens = eval_tokens.astype(np.int32)
         self.t = thresholds
+        self._forward = None
+
+    def _logits(self, batch) -> np.ndarray:
+        """model(batch, training=False) as NumPy; under TensorFlow one traced
+        graph for every inference call of the checks (~20 eager calls of the
+        model took ~10 s, the trace ~3 s). The routers' load counters update
+        inside it as in an eager call."""
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            return np.asarray(self.model(batch, training=False))
+        if self._forward is None:
+            import tensorflow as tf
+
+            self._forward = tf.function(
+                lambda ids: self.model(ids, training=False),
+                input_signature=[tf.TensorSpec([None, self.tokens.shape[1]], tf.int32)])
+        return self._forward(batch).numpy()
 
     # ---------------------------------------------------------------- checks
     def forward_pass(self) -> Dict[str, Any]:
         batch = self.tokens[: min(len(self.tokens), 4)]
-        logits = np.asarray(self.model(batch, training=False))
+        logits = self._logits(batch)
         expected = (batch.shape[0], batch.shape[1], self.model.config.vocab_size)
         finite = bool(np.isfinite(logits).all())
         ok = logits.shape == expected and finite
@@ -147,7 +166,7 @@ class IntegrationChecks:
         self.model.reset_expert_counts()
         n = min(len(self.tokens), self.t.eval_batches * self.t.batch_size)
         for start in range(0, n, self.t.batch_size):
-            self.model(self.tokens[start:start + self.t.batch_size], training=False)
+            self._logits(self.tokens[start:start + self.t.batch_size])
         stats = self.model.get_expert_utilization()
         self.model.reset_expert_counts()
         return stats
@@ -223,7 +242,7 @@ class IntegrationChecks:
         batch = self.tokens[:2]
         length = batch.shape[1]
         prefix = max(1, length - decode_steps)
-        full = np.asarray(self.model(batch, training=False))
+        full = self._logits(batch)
         errors = {}
         for mode in ("absorbed", "naive"):
             caches = self.model.init_caches(len(batch), length, mode=mode)
@@ -250,7 +269,7 @@ class IntegrationChecks:
         loaded = tf.saved_model.load(serving_dir)
         serving = loaded.signatures["serving_default"]
         outputs = serving(examples=tf.constant(serialize_sequences(batch)))
-        reference = np.asarray(self.model(batch, training=False))
+        reference = self._logits(batch)
         error = _rel_error(outputs["logits"].numpy(), reference)
         problems = []
         if error > self.t.max_savedmodel_parity_error:
@@ -287,10 +306,12 @@ class IntegrationChecks:
             steps.append(("savedmodel_parity", lambda: self.savedmodel_parity(serving_dir)))
         steps.append(("gradient_flow", self.gradient_flow))
         for name, fn in steps:
+            started = time.perf_counter()
             try:
                 checks[name] = fn()
             except Exception as e:  # a crashing check fails the gate, with the error
                 checks[name] = {"passed": False, "reason": f"{type(e).__name__}: {e}"}
+            checks[name]["seconds"] = round(time.perf_counter() - started, 3)
         failures = [f"{name}: {c['reason']}" for name, c in checks.items() if not c["passed"]]
         return {"blessed": not failures, "failures": failures, "checks": checks}
 
@@ -300,10 +321,11 @@ def to_markdown(report: Dict[str, Any]) -> str:
              f"**Verdict: {'BLESSED' if report['blessed'] else 'NOT BLESSED'}**", ""]
     if report["failures"]:
         lines += ["Failures:", ""] + [f"- {f}" for f in report["failures"]] + [""]
-    lines += ["| check | passed | detail |", "|---|---|---|"]
+    lines += ["| check | passed | seconds | detail |", "|---|---|---:|---|"]
     for name, check in report["checks"].items():
         detail = check.get("reason") or ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in check.items() if k not in ("passed", "reason") and not isinstance(v, (list, dict)))
-        lines.append(f"| {name} | {'yes' if check['passed'] else 'NO'} | {detail} |")
+            for k, v in check.items() if k not in ("passed", "reason", "seconds") and not isinstance(v, (list, dict)))
+        seconds = f"{check['seconds']:.1f}" if "seconds" in check else ""
+        lines.append(f"| {name} | {'yes' if check['passed'] else 'NO'} | {seconds} | {detail} |")
     return "\n".join(lines) + "\n"

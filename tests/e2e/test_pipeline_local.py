@@ -141,6 +141,7 @@ def test_gate_report_is_written(good_run):
     assert content["blessed"] is True
     assert set(content["checks"]) == {"forward_pass", "gradient_flow", "expert_utilization", "memory",
                                       "decode_parity", "savedmodel_parity"}
+    assert all(check["seconds"] > 0 for check in content["checks"].values())  # where the gate's time goes
     assert os.path.exists(os.path.join(report["uri"], "report.md"))
 
 

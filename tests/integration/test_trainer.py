@@ -142,6 +142,11 @@ def test_run_fn_trains_logs_and_writes_artifacts(trained):
     assert summary["mesh"] == {"batch": 1, "expert": 1} and summary["expert_parallel"] == 1
     assert summary["precision"] == {"requested": "auto", "policy": "float32", "float8": False}
     assert summary["tokens_per_second"] > 0 and summary["gradient_accumulation"] == 1
+    phases = summary["phase_seconds"]
+    assert list(phases) == ["read_inputs", "engine", "load_weights", "evaluate", "export_keras",
+                            "export_saved_model", "export_hf"]
+    assert all(s >= 0 for s in phases.values()) and phases["engine"] > summary["train_seconds"]
+    assert sum(phases.values()) <= summary["wall_seconds"]
     assert sum(summary["expert_load_per_layer"]["layers_1"]) == pytest.approx(1.0)
 
     # The summary on disk is what run_fn returned (what the gate reads).
