@@ -273,6 +273,9 @@ def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
             forward.received))
 
 
+SLOW_EXIT_S = 5.0
+
+
 class BatchFeeder(threading.Thread):
     """Writes each batch's raw int32 bytes to the child's stdin (the worker's
     `"tokens": "stdin"`). A thread, so the caller keeps reading the child's
@@ -353,5 +356,11 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
                 proc.wait()
             feeder.stop.set()
         feeder.join(timeout=60)
-    with open(os.path.join(spec["output_dir"], "result.json")) as f:
+    result_path = os.path.join(spec["output_dir"], "result.json")
+    # Seen once (a make run, not reproduced): 53 s from the result to here.
+    # Said when it happens, so the next one is found in the log.
+    lag = time.time() - os.path.getmtime(result_path)
+    if lag > SLOW_EXIT_S:
+        log_fn(f"engine: its process and batch feed ended {lag:.0f} s after it wrote its result")
+    with open(result_path) as f:
         return json.load(f)
