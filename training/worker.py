@@ -41,6 +41,7 @@ import json
 import math
 import os
 import sys
+import threading
 
 DIVERGED_EXIT = 3
 # A failure the engine can name (mesh, checkpoint mismatch, the token stream
@@ -74,6 +75,18 @@ def named_error(error: BaseException):
 
 # Interval records for the Trainer's live TensorBoard: one JSON line each.
 METRICS_PREFIX = "@metrics "
+_STDOUT_LOCK = threading.Lock()
+
+
+def emit(line: str) -> None:
+    """One line to stdout (the Trainer's pipe), whole. The checkpoint
+    writer's thread logs beside the training loop, and print() writes the
+    text and its newline apart: two threads could merge their lines, and a
+    "checkpoint step N" glued to another line is one the Trainer never
+    mirrors to a remote checkpoint URI (seen in a test run)."""
+    with _STDOUT_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def json_safe(value):
@@ -142,7 +155,7 @@ def _main(argv=None) -> int:
 
     def log(line: str) -> None:
         if jax.process_index() == 0:
-            print(line, flush=True)
+            emit(line)
 
     devices = jax.devices()
     if spec.get("num_devices"):

@@ -196,3 +196,45 @@ def test_the_real_worker_reports_a_mesh_error_in_one_paragraph(tmp_path):
 def test_the_compilation_cache_directory_comes_from_the_environment(value, expected):
     env = {} if value is None else {compile_cache.CACHE_ENV: value}
     assert compile_cache.cache_dir(env) == expected
+
+
+class _YieldingStdout:
+    """A stdout whose every write gives other threads the GIL, as a pipe
+    write may: lines written in more than one call then interleave."""
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, text):
+        time.sleep(0)
+        self.parts.append(text)
+        time.sleep(0)
+
+    def flush(self):
+        pass
+
+
+def test_engine_lines_from_two_threads_stay_whole(monkeypatch):
+    """The worker logs from its training loop and its checkpoint writer's
+    thread; every line must reach the Trainer whole (a merged "checkpoint
+    step N" was never mirrored). With print() in place of emit this fails:
+    print writes the text and the newline in two calls."""
+    import threading
+
+    from training import worker
+
+    out = _YieldingStdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    write = worker.emit
+
+    def lines(name):
+        for i in range(300):
+            write(f"{name} {i}")
+
+    threads = [threading.Thread(target=lines, args=(name,)) for name in ("step", "checkpoint step")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = "".join(out.parts).splitlines()
+    assert sorted(got) == sorted(f"{n} {i}" for n in ("step", "checkpoint step") for i in range(300))
