@@ -193,14 +193,15 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
             mirror.on_line(line)  # each checkpoint to the URI as soon as it is in place
         log_fn(line)
 
-    phases = {"read_inputs": time.perf_counter() - started}
-    mark = time.perf_counter()
+    phases, mark = {}, started
 
     def phase(name: str) -> None:  # seconds since the previous phase ended
         nonlocal mark
         now = time.perf_counter()
         phases[name] = now - mark
         mark = now
+
+    phase("read_inputs")
 
     events = TrainingEvents(fn_args.model_run_dir, log_fn)
     try:

@@ -107,19 +107,17 @@ class IntegrationChecks:
 
     def _logits(self, batch) -> np.ndarray:
         """model(batch, training=False) as NumPy; under TensorFlow one traced
-        graph for every inference call of the checks (~20 eager calls of the
-        model took ~10 s, the trace ~3 s). The routers' load counters update
-        inside it as in an eager call."""
+        graph (the export's `logits_fn`) for every inference call of the
+        checks (~20 eager calls of the model took ~10 s, the trace ~3 s). The
+        routers' load counters update inside it as in an eager call."""
         import keras
 
         if keras.backend.backend() != "tensorflow":
             return np.asarray(self.model(batch, training=False))
         if self._forward is None:
-            import tensorflow as tf
+            from components.export import logits_fn
 
-            self._forward = tf.function(
-                lambda ids: self.model(ids, training=False),
-                input_signature=[tf.TensorSpec([None, self.tokens.shape[1]], tf.int32)])
+            self._forward = logits_fn(self.model, self.tokens.shape[1])
         return self._forward(batch).numpy()
 
     # ---------------------------------------------------------------- checks

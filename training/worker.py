@@ -125,7 +125,7 @@ def main(argv=None) -> int:
 
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
-        print(f"{ENGINE_ERROR_PREFIX} {message}", flush=True)
+        emit(f"{ENGINE_ERROR_PREFIX} {message}")
         return ENGINE_ERROR_EXIT
 
 

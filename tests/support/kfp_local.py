@@ -397,7 +397,6 @@ class _ForkServer:
     interpreter that has done the imports (see that module)."""
 
     def __init__(self, python: str, modules: Sequence[str], env: Dict[str, str], cwd: str, log_path: str):
-        self.python, self.env = python, env
         with open(log_path, "a") as log:
             self.proc = subprocess.Popen([python, FORK_SERVER, *modules], cwd=cwd, env=env, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
