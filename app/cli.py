@@ -39,6 +39,7 @@ def _settings_from_args(args):
               "expert_parallel": args.expert_parallel,
               "dispatch_capacity_factor": args.dispatch_capacity_factor,
               "dispatch_recompute": args.dispatch_recompute,
+              "cpu_devices": args.cpu_devices,
               "gradient_accumulation": args.gradient_accumulation,
               "examples_dir": args.examples_dir, "text_dir": args.text_dir,
               "vocab_size": args.vocab_size, "tokenizer_file": args.tokenizer,
@@ -322,6 +323,9 @@ def _add_settings_args(p) -> None:
                    default=D.dispatch_recompute,
                    help="recompute the all-to-all dispatch in the backward pass (less memory; "
                         "--no-dispatch-recompute keeps its activations: faster)")
+    p.add_argument("--cpu-devices", type=int, default=D.cpu_devices,
+                   help="CPU devices the engine trains on, data parallel, when it has no "
+                        "accelerator (default: one per core that divides --batch-size)")
     p.add_argument("--gradient-accumulation", type=int, default=D.gradient_accumulation,
                    help="micro-batches of --batch-size per optimizer step")
     p.add_argument("--thresholds", help="JSON gate thresholds (see components/validation_checks.py)")

@@ -16,15 +16,12 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from training.host_devices import available_cores
+
 _CONFIGURED: Dict[str, Any] = {}
 
 
 # ----------------------------------------------------------------- set-up
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def configure(backend: str, threads: Optional[int] = None) -> Dict[str, Any]:
@@ -37,13 +34,13 @@ def configure(backend: str, threads: Optional[int] = None) -> Dict[str, Any]:
     threads = threads or available_cores()
     os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # XLA:CPU (used by JAX, and by TF's jit_compile) runs its Eigen pool with
-    # this many threads; OMP/MKL knobs cover TF's non-XLA kernels.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "intra_op_parallelism_threads" not in flags:
-        flags = (flags + f" --xla_cpu_multi_thread_eigen=true"
-                 f" intra_op_parallelism_threads={threads}").strip()
-        os.environ["XLA_FLAGS"] = flags
+    # XLA:CPU (JAX, TF's jit_compile) sizes its thread pool by the CPUs the
+    # process may run on and has no thread-count flag: fewer threads means
+    # fewer CPUs (inherited by the children, the reference included). OMP/MKL
+    # knobs cover TF's non-XLA kernels.
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if 0 < threads < len(cpus):
+        os.sched_setaffinity(0, cpus[:threads])
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     if backend == "tensorflow":
         import tensorflow as tf

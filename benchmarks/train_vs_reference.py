@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -24,6 +25,7 @@ from .configs import SIZES, train_config
 TARGET_SPEEDUP = 1.25
 ENV_VAR = "DEEPSEEK_TFX_REFERENCE_PYTHON"
 KNOWN_VENVS = ("/work/refenv/bin/python", "/work/refenv-bench/bin/python")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_torch.py")
 REFERENCE_TIMEOUT_S = 900
 
@@ -47,7 +49,7 @@ def measure_ours(config, batch: int, seq_len: int, repeats: int,
     from keras import ops
 
     if mla_mode is None and keras.backend.backend() == "jax":
-        return measure_engine(config, batch, seq_len, repeats)
+        return measure_engine_as_trained(config, batch, seq_len, repeats)
 
     from model import DeepSeekV3ForCausalLM
     from model.analysis import parameter_count, train_flops_per_token
@@ -69,6 +71,45 @@ def measure_ours(config, batch: int, seq_len: int, repeats: int,
         "parameters": parameter_count(config)["total"],
         "trainable_params_built": int(sum(int(np.prod(v.shape)) for v in model.trainable_variables)),
     }
+
+
+def measure_engine_as_trained(config, batch: int, seq_len: int, repeats: int) -> Dict[str, Any]:
+    """measure_engine on the CPU devices the Trainer gives the engine
+    (training.host_devices: one per core that divides the batch), in a child
+    process when this one has another count (XLA_FLAGS precedes the JAX
+    import); `cpu_devices` in the result says which."""
+    import jax
+
+    from training.host_devices import cpu_devices
+    from training.launch import engine_python, worker_env
+    from training.settings import TrainingSettings
+
+    chosen = cpu_devices(TrainingSettings(batch_size=batch, seq_len=seq_len))
+    if chosen.count is None or chosen.count == jax.device_count() or jax.default_backend() != "cpu":
+        result = measure_engine(config, batch, seq_len, repeats)
+    else:
+        env = worker_env(chosen.count)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "engine.json")
+            subprocess.run([engine_python(env), "-m", "benchmarks.train_vs_reference",
+                            "--engine-child", json.dumps({"config": config.to_dict(), "batch": batch,
+                                                          "seq_len": seq_len, "repeats": repeats,
+                                                          "out": out})],
+                           env=env, cwd=ROOT, check=True, timeout=REFERENCE_TIMEOUT_S)
+            with open(out) as f:
+                result = json.load(f)
+    result["cpu_devices"] = {"count": chosen.count, "why": chosen.why}
+    return result
+
+
+def _engine_child(args: Dict[str, Any]) -> None:
+    common.configure("jax")
+    from model.config import DeepSeekV3Config
+
+    result = measure_engine(DeepSeekV3Config.from_dict(args["config"]), args["batch"],
+                            args["seq_len"], args["repeats"])
+    with open(args["out"], "w") as f:
+        json.dump(result, f)
 
 
 def measure_engine(config, batch: int, seq_len: int, repeats: int,
@@ -213,4 +254,7 @@ def run(mode: str, reference_python: Optional[str] = None,
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use
-    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "smoke"), indent=1))
+    if sys.argv[1:2] == ["--engine-child"]:  # measure_engine_as_trained's child
+        _engine_child(json.loads(sys.argv[2]))
+    else:
+        print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "smoke"), indent=1))

@@ -26,7 +26,7 @@ What it does, in order:
    forwarded to `log_fn`; its metrics records become TensorBoard events in
    `fn_args.model_run_dir` as they come (`components.tensorboard_events`).
    The engine trains on every device JAX sees (data parallel, or
-   `expert_parallel`), resumes from `training.checkpoint_dir`, and writes
+   `expert_parallel`; on a CPU one device per core, training.host_devices), resumes from `training.checkpoint_dir`, and writes
    the trained weights.
 4. Loads the weights into a float32 TF-backend model, evaluates it on
    `fn_args.eval_files` (`model.evaluation`), adds the eval metrics to the
@@ -52,6 +52,7 @@ import numpy as np
 from components.tensorboard_events import METRICS_FILE, TrainingEvents
 from components.trainer_config import TrainerConfigError, custom_config, parse_fn_args  # noqa: F401
 from components.trainer_input import TokenDataError, data_identity, read_batches, stream_batches  # noqa: F401
+from training.host_devices import cpu_devices
 from training.worker import json_safe
 
 SUMMARY_FILE = "training_summary.json"
@@ -203,9 +204,14 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
 
     phase("read_inputs")
 
+    cpu = cpu_devices(t)
+    if cpu.count is not None:
+        log_fn(f"trainer: the engine gets {cpu.count} CPU device(s) ({cpu.why}; "
+               f"unused with an accelerator)")
     events = TrainingEvents(fn_args.model_run_dir, log_fn)
     try:
-        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"), log_fn=engine_line,
+        engine = launch.run_worker(spec, os.path.join(workdir, "spec.json"),
+                                   env=launch.worker_env(cpu.count), log_fn=engine_line,
                                    batches=train_batches, stall_timeout_s=t.engine_stall_timeout_s,
                                    metrics_fn=events)
     except launch.TrainingDivergedError as e:
@@ -267,6 +273,8 @@ def run_fn(fn_args, log_fn: Callable[[str], None] = print) -> dict:
         "num_devices": engine["num_devices"],
         "processes": engine["processes"],
         "mesh": engine["mesh"],
+        # The CPU devices the engine was given and why (training.host_devices).
+        "cpu_devices": {"count": cpu.count, "why": cpu.why},
         "expert_parallel": engine["expert_parallel"],
         # All-to-all capacity overflows (extra rounds, nothing dropped); null on one device.
         "dispatch": engine.get("dispatch"),

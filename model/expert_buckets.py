@@ -4,12 +4,17 @@ Where the JAX tile loop runs (`grouped_matmul.use_fused_swiglu`), a layer
 with enough rows per expert puts each expert's first C assignments into that
 expert's bucket of C rows and multiplies all buckets at once (three batched
 dots each way instead of ~N / 32 loop trips of small ones); empty slots are
-zero rows. Nothing is dropped: the assignments past an expert's C
-(`overflow`) go through the sorted tile loop as before, which is skipped
-whole (`lax.cond`) in the common case of none.
+zero rows. Nothing is dropped: the assignments past an expert's C go to
+rows after all buckets, grouped by expert (their row follows from their
+position among the expert's assignments, no sort), and the fused tile loop
+runs just the tiles they fill, none in the common case.
 
-The moves in and out are gathers both ways (`chunk_gathers`: each slot knows
-its assignment, each assignment its slot), with no sort of the assignments.
+The moves in and out are gathers both ways (`chunk_gathers`: each row knows
+its assignment, each assignment its row), over buckets and overflow rows at
+once. (Until session 27 the overflow took the whole sorted tile-loop path
+inside a `lax.cond`: a sort, a gather and a combine of all T*K assignments
+and a rematerialized loop; same-process A/B of the engine step: equal time
+within the noise, 1.5-2.5% less CPU, compile 8.9 vs 10.2 s on the mini.)
 On the train_vs_reference step (T 1024 x top-4 of 16, hidden 256, expert
 128, one CPU device) see benchmarks/README.md for the measured ratio.
 """
@@ -102,49 +107,54 @@ def bucketed_experts(x, flat_experts, kept, weights, k, gate_proj, up_proj, down
                                            down_proj)
 
 
+def overflow_rows(assignments: int, k: int, capacity: int) -> int:
+    """Static bound on the assignments past full buckets. Top-k routing picks
+    k distinct experts per token, so an expert holds at most T = N / k rows,
+    and sum_e max(load_e - C, 0) peaks with k experts at T each."""
+    return max(0, min(assignments, k * (assignments // k - capacity)))
+
+
 @functools.lru_cache(maxsize=None)
 def _bucketed_function(k, capacity):
     import jax
     import jax.numpy as jnp
 
-    def through_the_loop(x, flat_experts, weights, gate_proj, up_proj, down_proj, mask):
-        """The same sum over the `mask`ed assignments by the sorted tile loop."""
-        from model.moe import routed_expert_sum
-
-        return routed_expert_sum(x, flat_experts, mask, weights, k, gate_proj, up_proj, down_proj)
+    from model.grouped_matmul import fused_grouped_swiglu, tile_rows
 
     def bucketed(x, flat_experts, kept, weights, gate_proj, up_proj, down_proj):
         experts = gate_proj.shape[0]
         n = flat_experts.shape[0]
+        slots, spill = experts * capacity, overflow_rows(n, k, capacity)
         flat_experts = flat_experts.astype(jnp.int32)
         # Position of each assignment among its expert's kept ones, in order.
         mine_of = (flat_experts[:, None] == jnp.arange(experts, dtype=jnp.int32)) & kept[:, None]
-        position = jnp.take_along_axis(jnp.cumsum(mine_of, axis=0, dtype=jnp.int32),
-                                       flat_experts[:, None], axis=1)[:, 0] - 1
-        in_bucket = kept & (position < capacity)
-        slots = experts * capacity
-        a_row = flat_experts * capacity + jnp.clip(position, 0, capacity - 1)
-        target = jnp.where(in_bucket, a_row, slots)  # out of range: dropped by the scatter
-        row_assign = jnp.zeros((slots,), jnp.int32).at[target].set(
+        count = jnp.cumsum(mine_of, axis=0, dtype=jnp.int32)
+        position = jnp.take_along_axis(count, flat_experts[:, None], axis=1)[:, 0] - 1
+        # Rows past an expert's bucket go after all buckets, grouped by expert
+        # in expert order (the tile loop's layout), no sort needed.
+        past = jnp.maximum(count[-1] - capacity, 0)  # [E]
+        past_start = jnp.cumsum(past) - past
+        a_row = jnp.where(position < capacity, flat_experts * capacity + position,
+                          slots + past_start[flat_experts] + position - capacity)
+        rows = slots + spill
+        target = jnp.where(kept, a_row, rows)  # out of range: dropped by the scatter
+        row_assign = jnp.zeros((rows,), jnp.int32).at[target].set(
             jnp.arange(n, dtype=jnp.int32), mode="drop")
-        row_valid = jnp.zeros((slots,), bool).at[target].set(True, mode="drop")
+        row_valid = jnp.zeros((rows,), bool).at[target].set(True, mode="drop")
         row_token = row_assign // k
-        a_row, a_mine = a_row.reshape(-1, k), in_bucket.reshape(-1, k)
+        a_row, a_mine = a_row.reshape(-1, k), kept.reshape(-1, k)
 
         to_chunks, to_tokens = chunk_gathers()
-        buckets = to_chunks(x, row_token, row_valid, a_row, a_mine).reshape(experts, capacity, -1)
-        buckets = buckets.astype(gate_proj.dtype)
+        chunks = to_chunks(x, row_token, row_valid, a_row, a_mine).astype(gate_proj.dtype)
+        buckets = chunks[:slots].reshape(experts, capacity, -1)
         gate = jnp.einsum("ech,ehi->eci", buckets, gate_proj)
         up = jnp.einsum("ech,ehi->eci", buckets, up_proj)
-        rows = jnp.einsum("eci,eih->ech", jax.nn.silu(gate) * up, down_proj).reshape(slots, -1)
-        out = to_tokens(rows.astype(x.dtype), weights.reshape(-1, k).astype(x.dtype),
-                        a_row, a_mine, row_token, row_assign, row_valid)
-        overflow = kept & ~in_bucket
-        # Rematerialized in the backward: a cond's residuals are buffers of the
-        # step whichever branch runs (the loop's were ~20 MB of 220 here).
-        loop = jax.checkpoint(functools.partial(through_the_loop, x, flat_experts, weights,
-                                                gate_proj, up_proj, down_proj))
-        return out + jax.lax.cond(jnp.any(overflow), loop, lambda mask: jnp.zeros_like(out),
-                                  overflow)
+        out = [jnp.einsum("eci,eih->ech", jax.nn.silu(gate) * up, down_proj).reshape(slots, -1)]
+        if spill:  # the tile loop runs only the tiles these rows fill (often none)
+            out.append(fused_grouped_swiglu(chunks[slots:], gate_proj, up_proj, down_proj, past,
+                                            tile_rows(spill, experts)))
+        return to_tokens(jnp.concatenate(out).astype(x.dtype),
+                         weights.reshape(-1, k).astype(x.dtype), a_row, a_mine, row_token,
+                         row_assign, row_valid)
 
     return jax.jit(bucketed)

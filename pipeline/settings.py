@@ -60,6 +60,7 @@ class PipelineSettings:
     expert_parallel: int = _T.expert_parallel          # devices per routed-expert shard group
     dispatch_capacity_factor: float = _T.dispatch_capacity_factor  # all-to-all buffer rows
     dispatch_recompute: bool = _T.dispatch_recompute  # backward recomputes the dispatch
+    cpu_devices: Optional[int] = _T.cpu_devices  # engine's CPU devices; None: one per core
     gradient_accumulation: int = _T.gradient_accumulation  # micro-batches per optimizer step
     checkpoint_every: int = _T.checkpoint_every
     log_every: int = _T.log_every

@@ -17,12 +17,14 @@ No TensorFlow is imported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from model.grouped_matmul import per_device_code
 from training.checkpoint import CheckpointMismatchError, EngineCheckpoints, relative_path
 from training.expert_parallel import ExpertDispatch, installed
 from training.metrics import TrainingMetrics
@@ -159,7 +161,10 @@ class Engine:
         return global_array(np.asarray(array[step * A:(step + 1) * A], np.int32), sharding)
 
     def _compile(self, tv, ntv, ov, ids, mask):
-        with installed(self.model, self.dispatch):
+        # One device of several in this process (the 1-device step of a
+        # benchmark): the model's single-device code, tile loop included.
+        alone = per_device_code() if self.dispatch is None else contextlib.nullcontext()
+        with installed(self.model, self.dispatch), alone:
             return self._step_fn.lower(tv, ntv, ov, ids, mask).compile()
 
     def compiled_step(self, micro_batches: np.ndarray, padding_mask: Optional[np.ndarray] = None):

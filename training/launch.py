@@ -76,8 +76,9 @@ def worker_env(virtual_devices: Optional[int] = None,
     if virtual_devices:
         flags = [f for f in env.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count")]
-        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count="
-                                             f"{int(virtual_devices)}"])
+        # First: XLA stops reading XLA_FLAGS at a token that is not a flag.
+        env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count="
+                                     f"{int(virtual_devices)}"] + flags)
     env.update(extra or {})
     return env
 

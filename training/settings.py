@@ -66,6 +66,10 @@ class TrainingSettings:
     # experts) instead of keeping its activations: per-device temporaries
     # below data parallel's for one more routed forward per layer.
     dispatch_recompute: bool = True
+    # CPU devices of the engine's JAX when it runs on the CPU (data parallel
+    # over them); None: one per core that divides the batch
+    # (training/host_devices.py). Ignored with an accelerator.
+    cpu_devices: Optional[int] = None
     precision: str = _explicit("auto")    # one of model.checks.PRECISIONS
     seed: int = _explicit(0)
     checkpoint_dir: Optional[str] = None  # None: no checkpoints (the Trainer gives a default)
@@ -99,6 +103,12 @@ class TrainingSettings:
             self._check("checkpoint_dir", f"must be a non-empty path, got {self.checkpoint_dir!r}")
         if self.engine_stall_timeout_s is not None:
             self._check("engine_stall_timeout_s", _float_problem(self.engine_stall_timeout_s, positive=True))
+        if self.cpu_devices is not None:
+            self._check("cpu_devices", int_problem(self.cpu_devices, 1))
+            if self.batch_size % self.cpu_devices or self.cpu_devices % self.expert_parallel:
+                self._check("cpu_devices", f"{self.cpu_devices} must divide batch_size "
+                                           f"{self.batch_size} and be a multiple of "
+                                           f"expert_parallel {self.expert_parallel}")
         if self.eval_batches is not None:
             self._check("eval_batches", int_problem(self.eval_batches, 1))
         if not isinstance(self.dispatch_recompute, bool):

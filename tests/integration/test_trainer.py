@@ -24,7 +24,9 @@ from components.trainer_config import TrainerConfigError  # noqa: E402
 from data import DataSpec, generate, write_tfrecords  # noqa: E402
 from data.tfrecord import serialize_sequences  # noqa: E402
 from model import get_preset  # noqa: E402
+from training.host_devices import cpu_devices  # noqa: E402
 from training.optim import WarmupCosineSchedule  # noqa: E402
+from training.settings import TrainingSettings  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +140,12 @@ def test_run_fn_trains_logs_and_writes_artifacts(trained):
     fn_args, summary, lines = trained
     artifact = _artifact(fn_args)
     assert summary["final_step"] == 20 and summary["start_step"] == 0 and not summary["resumed"]
-    assert summary["backend"] == "jax" and summary["num_devices"] == 1
-    assert summary["mesh"] == {"batch": 1, "expert": 1} and summary["expert_parallel"] == 1
+    # One CPU device per core that divides the batch (training.host_devices).
+    devices = cpu_devices(TrainingSettings(batch_size=BATCH)).count
+    assert summary["backend"] == "jax" and summary["num_devices"] == devices
+    assert summary["cpu_devices"]["count"] == devices and any(
+        f"the engine gets {devices} CPU device(s)" in line for line in lines)
+    assert summary["mesh"] == {"batch": devices, "expert": 1} and summary["expert_parallel"] == 1
     assert summary["precision"] == {"requested": "auto", "policy": "float32", "float8": False}
     assert summary["tokens_per_second"] > 0 and summary["gradient_accumulation"] == 1
     phases = summary["phase_seconds"]
@@ -612,6 +618,8 @@ def test_warmup_cosine_schedule():
     (lambda c: c["training"].update(devices=["/gpu:0"]), r"unknown keys \['devices'\]"),
     (lambda c: c["training"].update(expert_parallel=3), r"\['expert_parallel'\]: 3 does not divide"),
     (lambda c: c["training"].update(gradient_accumulation=0), r"\['gradient_accumulation'\]"),
+    (lambda c: c["training"].update(cpu_devices=0), r"\['cpu_devices'\]: must be >= 1"),
+    (lambda c: c["training"].update(cpu_devices=3), r"\['cpu_devices'\]: 3 must divide batch_size"),
     (lambda c: c.update(extra=1), r"custom_config: unknown keys \['extra'\]"),
 ])
 def test_invalid_custom_config_is_refused_naming_the_key(tmp_path, mutate, key):
