@@ -110,7 +110,8 @@ def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
     here, before the engine starts; a split that runs short fails when it
     does, naming how many batches it gave."""
     dataset, patterns = _dataset(fn_args, settings, files, True, what)
-    iterator = dataset.take(batches).as_numpy_iterator()
+    # In a list, so the generator below can drop it once it has read the last batch.
+    source = [dataset.take(batches).as_numpy_iterator()]
     expected = (settings.training.batch_size, settings.seq_len)
 
     vocab = settings.model_config.vocab_size
@@ -123,19 +124,22 @@ def stream_batches(fn_args, settings: TrainerSettings, files, batches: int,
         check_token_ids(batch, vocab, what, index)  # before the int32 cast can wrap int64 ids
         return np.ascontiguousarray(batch, np.int32)
 
-    first = next(iterator, None)
+    first = next(source[0], None)
     if first is None:
         raise ValueError(f"fn_args.{what}: {list(patterns)!r} has no examples")
     first = checked(first, 0)
 
     def rest():
         yield first
-        n = 1
-        for batch in iterator:
+        for n in range(1, batches):
+            # Never past the last batch: in the Trainer, with the engine busy
+            # on every core, tf.data took 6-54 s to report the end of a
+            # take() it had already reached (make run, session 27).
+            batch = next(source[0], None)
+            if batch is None:
+                raise ValueError(f"fn_args.{what}: got {n} batches, need {batches}")
             yield checked(batch, n)
-            n += 1
-        if n < batches:
-            raise ValueError(f"fn_args.{what}: got {n} batches, need {batches}")
+        source.clear()  # the iterator goes with the thread that read it to the end
 
     return rest()
 

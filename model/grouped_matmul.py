@@ -314,13 +314,14 @@ def _unsort_rows_function():
 
 # ------------------------------------------------- fused SwiGLU (JAX loop)
 def use_fused_swiglu() -> bool:
-    """Whether grouped_swiglu runs as one fused tile loop (below) rather than
-    three grouped matmuls: where the JAX tile loop runs at all."""
+    """Whether grouped_swiglu runs as one fused tile loop (below): where the
+    JAX tile loop runs at all (the buckets and the unsort's gather go with it)."""
     return _use_jax_loop() and FUSED_SWIGLU[0]
 
 
-# On by default; tests (fused == three grouped matmuls) and same-process A/B
-# timings switch it off.
+# On by default: grouped_swiglu is one fused tile loop (JAX on one CPU device)
+# or one gathered-tiles SwiGLU (elsewhere). Tests (fused == three grouped
+# matmuls) and same-process A/B timings switch it off.
 FUSED_SWIGLU = [True]
 
 
@@ -329,14 +330,43 @@ def fused_grouped_swiglu(x, w_gate, w_up, w_down, group_sizes, block=None, group
     tile loop forward and one backward (custom VJP), each tile's three (six)
     dots back to back: a third of the loop trips of three grouped matmuls,
     and the [N, intermediate] activations never go round through three
-    separate loops. Same tiling and group rules as grouped_matmul."""
+    separate loops. Same tiling and group rules as grouped_matmul. Where the
+    JAX loop does not run, the same SwiGLU over gathered tiles (keras.ops,
+    autodiff)."""
     rows = x.shape[0]
     groups = w_gate.shape[0] if group_expert is None else group_sizes.shape[0]
     if block is None:
         block = tile_rows(rows, groups)
+    if not _use_jax_loop():
+        if isinstance(rows, int):
+            block = max(1, min(block, rows))
+        else:
+            rows = ops.shape(x)[0]
+        return _ops_grouped_swiglu(x, w_gate, w_up, w_down, group_sizes, block,
+                                   max_tiles(rows, groups, block), rows, group_expert)
     block = max(1, min(block, rows))
     fn = _fused_swiglu_function(rows, block, max_tiles(rows, groups, block))
     return fn(x, w_gate, w_up, w_down, *_group_arrays(group_sizes, group_expert))
+
+
+def _ops_grouped_swiglu(x, wg, wu, wd, group_sizes, block, tiles, rows, group_expert=None):
+    """The keras.ops form (TensorFlow, several JAX devices, accelerators):
+    one schedule, one gather of the tiles' rows and one scatter back for the
+    whole SwiGLU, where three grouped matmuls have three of each (a third of
+    the graph: the SavedModel export traces it several times)."""
+    e, lo, hi, _ = _schedule(group_sizes, block, tiles, group_expert)
+    start = ops.maximum(ops.minimum(lo, rows - block), 0)
+    index = start[:, None] + ops.arange(block, dtype="int32")[None, :]  # [tiles, block]
+    mine = ops.logical_and(index >= lo[:, None], index < hi[:, None])
+    index = ops.minimum(index, rows - 1)
+    xs = ops.take(x, index, axis=0)
+    gate = ops.einsum("tbd,tdo->tbo", xs, ops.take(wg, e, axis=0))
+    up = ops.einsum("tbd,tdo->tbo", xs, ops.take(wu, e, axis=0))
+    y = ops.einsum("tbo,toh->tbh", ops.silu(gate) * up, ops.take(wd, e, axis=0))
+    y = ops.where(mine[..., None], y, ops.zeros((), y.dtype))
+    target = ops.reshape(ops.where(mine, index, rows), (-1,))  # row `rows`: discarded
+    out = ops.segment_sum(ops.reshape(y, (-1, ops.shape(wd)[2])), target, num_segments=rows + 1)
+    return out[:rows]
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,7 +43,7 @@ from keras import ops
 
 from .config import DeepSeekV3Config
 from .expert_buckets import bucket_rows, bucketed_experts
-from .grouped_matmul import fused_grouped_swiglu, grouped_matmul, tile_rows, unsort_rows, use_fused_swiglu
+from .grouped_matmul import FUSED_SWIGLU, fused_grouped_swiglu, grouped_matmul, tile_rows, unsort_rows, use_fused_swiglu
 from .mlp import SwiGLUMLP
 from .sharding import EXPERT, REPLICATED
 
@@ -72,7 +72,7 @@ def grouped_swiglu(rows, group_sizes, gate_proj, up_proj, down_proj, group_exper
     block = block_rows(rows.shape[0], groups)
     dtype = rows.dtype
 
-    if use_fused_swiglu():
+    if FUSED_SWIGLU[0]:
         return fused_grouped_swiglu(rows, *(ops.cast(w, dtype) for w in (gate_proj, up_proj, down_proj)),
                                     group_sizes, block, group_expert)
 

@@ -238,6 +238,12 @@ def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
         watchdog.start()
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     forward = _ForwardSignals(proc)
+
+    def note_exit() -> None:  # when the process ended, whoever holds its stdout
+        proc.wait()
+        proc.exited_at = time.time()
+
+    threading.Thread(target=note_exit, name="engine-exit", daemon=True).start()
     try:
         with forward:
             for line in proc.stdout:
@@ -258,6 +264,7 @@ def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
                 tail.append(line)
                 if line.startswith(_ENGINE_PREFIXES):
                     log_fn(line)
+            proc.output_ended_at = time.time()
             proc.wait()
     finally:
         if watchdog:
@@ -291,6 +298,7 @@ class BatchFeeder(threading.Thread):
         self.error: Optional[BaseException] = None
         self.written = 0
         self.stop = threading.Event()
+        self.finished_at: Optional[float] = None  # time.time() when the feed ended
 
     def run(self) -> None:
         import numpy as np
@@ -310,6 +318,7 @@ class BatchFeeder(threading.Thread):
                 self.pipe.close()  # EOF for the child
             except OSError:
                 pass
+            self.finished_at = time.time()
 
 
 def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
@@ -321,6 +330,7 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
     `batches` (an iterable of [B, S] int arrays, for a spec with
     `"tokens": "stdin"`) a background thread streams them to the child.
     `stall_timeout_s`: kill the child as hung after that long without output."""
+    feeder = None
     if batches is None:
         proc = start_worker(spec, spec_path, env or worker_env())
         try:
@@ -356,12 +366,19 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
                 kill_group(proc)
                 proc.wait()
             feeder.stop.set()
-        feeder.join(timeout=60)
+        # The child succeeded, so it read every batch: whatever the feeder
+        # still does (ending its source) is not waited for.
     result_path = os.path.join(spec["output_dir"], "result.json")
-    # Seen once (a make run, not reproduced): 53 s from the result to here.
-    # Said when it happens, so the next one is found in the log.
-    lag = time.time() - os.path.getmtime(result_path)
+    # Seen in two make runs (not reproduced directly): ~54 s from the result
+    # to here. Said when it happens, with what ended when, so it can be found.
+    written = os.path.getmtime(result_path)
+    lag = time.time() - written
     if lag > SLOW_EXIT_S:
-        log_fn(f"engine: its process and batch feed ended {lag:.0f} s after it wrote its result")
+        feed = ("" if feeder is None or feeder.finished_at is None
+                else f", its batch feed {feeder.finished_at - written:+.1f} s")
+        exited = getattr(proc, "exited_at", None) or time.time()
+        log_fn(f"engine: {lag:.0f} s from its result to the end of its run: its process exited "
+               f"{exited - written:+.1f} s after the result, its output ended "
+               f"{proc.output_ended_at - written:+.1f} s{feed}")
     with open(result_path) as f:
         return json.load(f)
