@@ -13,7 +13,8 @@ are summed over the devices.
 The rule (`cpu_devices`):
 - `TrainingSettings.cpu_devices` when given;
 - else the count XLA_FLAGS already names (left as it is);
-- else one per core this process may use, at most `MAX_AUTO`, the largest
+- else one per core this process may use (its affinity mask, capped by its
+  cgroup's CPU quota: a pod's limit), at most `MAX_AUTO`, the largest
   such count that divides the batch and is a multiple of expert_parallel
   (expert_parallel itself where no count up to the cores fits); 1 in a
   multi-process job (each process brings its own devices there).
@@ -22,6 +23,7 @@ With an accelerator JAX trains on it and the CPU devices go unused.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping, NamedTuple, Optional
 
@@ -36,11 +38,35 @@ class CpuDevices(NamedTuple):
     why: str
 
 
+def cgroup_cpus(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The CPU quota of this process's cgroup in whole CPUs (rounded up), or
+    None without one: a Kubeflow pod limited to 2 CPUs still sees every core
+    of its node in its affinity mask."""
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 is none
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 else max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        return None
+
+
 def available_cores() -> int:
+    """The cores this process may use: its affinity mask, capped by its
+    cgroup's CPU quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpus()
+    return min(cores, quota) if quota else cores
 
 
 def flag_count(xla_flags: str) -> Optional[int]:

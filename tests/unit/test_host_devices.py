@@ -62,3 +62,20 @@ def test_the_engine_child_sees_the_chosen_devices_after_other_xla_flags(monkeypa
     out = subprocess.run([launch.engine_python(env), "-c", probe], env={**env, "JAX_PLATFORMS": "cpu"},
                          capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, "cpu"]
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "200000 100000\n"}, 2),                       # cgroup v2, a pod limited to 2 CPUs
+    ({"cpu.max": "150000 100000\n"}, 2),                       # 1.5 CPUs: rounded up
+    ({"cpu.max": "max 100000\n"}, None),                       # no limit
+    ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_a_cgroup_cpu_quota_caps_the_cores(tmp_path, files, expected):
+    from training.host_devices import cgroup_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpus(str(tmp_path)) == expected
