@@ -26,8 +26,8 @@ What it does, in order:
    forwarded to `log_fn`; its metrics records become TensorBoard events in
    `fn_args.model_run_dir` as they come (`components.tensorboard_events`).
    The engine trains on every device JAX sees (data parallel, or
-   `expert_parallel`; on a CPU one device per core, training.host_devices), resumes from `training.checkpoint_dir`, and writes
-   the trained weights.
+   `expert_parallel`; on a CPU one device per core, training.host_devices),
+   resumes from `training.checkpoint_dir`, and writes the trained weights.
 4. Loads the weights into a float32 TF-backend model, evaluates it on
    `fn_args.eval_files` (`model.evaluation`), adds the eval metrics to the
    TensorBoard events, and exports under the model artifact uri:

@@ -369,8 +369,9 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
         # The child succeeded, so it read every batch: whatever the feeder
         # still does (ending its source) is not waited for.
     result_path = os.path.join(spec["output_dir"], "result.json")
-    # Seen in two make runs (not reproduced directly): ~54 s from the result
-    # to here. Said when it happens, with what ended when, so it can be found.
+    # Two make runs took ~54 s from the result to here: the feeder waiting on
+    # tf.data for the end of its batches (fixed in trainer_input.stream_batches
+    # and above). Said when anything like it happens, with what ended when.
     written = os.path.getmtime(result_path)
     lag = time.time() - written
     if lag > SLOW_EXIT_S:
