@@ -134,19 +134,30 @@ def grouped_matmul(x, w, group_sizes, block=None, group_expert=None):
 
 
 # ------------------------------------------------------------------ keras.ops
-def _ops_grouped_matmul(x, w, group_sizes, block, tiles, rows, group_expert=None):
+def _ops_tiles(group_sizes, block, tiles, rows, group_expert=None):
+    """(weight index per tile [tiles], row index [tiles, block], which of
+    those rows are the tile's own [tiles, block]) for the keras.ops forms.
+    A tile near the end is shifted back to stay inside [0, rows); the mask
+    keeps only its own rows (and none past `rows` when rows < block)."""
     e, lo, hi, _ = _schedule(group_sizes, block, tiles, group_expert)
-    # A tile near the end is shifted back to stay inside [0, rows); the mask
-    # keeps only its own rows (and none past `rows` when rows < block).
     start = ops.maximum(ops.minimum(lo, rows - block), 0)
-    index = start[:, None] + ops.arange(block, dtype="int32")[None, :]  # [tiles, block]
+    index = start[:, None] + ops.arange(block, dtype="int32")[None, :]
     mine = ops.logical_and(index >= lo[:, None], index < hi[:, None])
-    index = ops.minimum(index, rows - 1)
-    y = ops.einsum("tbd,tdo->tbo", ops.take(x, index, axis=0), ops.take(w, e, axis=0))
+    return e, ops.minimum(index, rows - 1), mine
+
+
+def _ops_untile(y, index, mine, rows):
+    """Each tile's own rows of y [tiles, block, o] back to their places in [rows, o]."""
     y = ops.where(mine[..., None], y, ops.zeros((), y.dtype))
     target = ops.reshape(ops.where(mine, index, rows), (-1,))  # row `rows`: discarded
-    out = ops.segment_sum(ops.reshape(y, (-1, ops.shape(w)[2])), target, num_segments=rows + 1)
+    out = ops.segment_sum(ops.reshape(y, (-1, ops.shape(y)[-1])), target, num_segments=rows + 1)
     return out[:rows]
+
+
+def _ops_grouped_matmul(x, w, group_sizes, block, tiles, rows, group_expert=None):
+    e, index, mine = _ops_tiles(group_sizes, block, tiles, rows, group_expert)
+    y = ops.einsum("tbd,tdo->tbo", ops.take(x, index, axis=0), ops.take(w, e, axis=0))
+    return _ops_untile(y, index, mine, rows)
 
 
 # ------------------------------------------------------------------------ JAX
@@ -354,19 +365,12 @@ def _ops_grouped_swiglu(x, wg, wu, wd, group_sizes, block, tiles, rows, group_ex
     one schedule, one gather of the tiles' rows and one scatter back for the
     whole SwiGLU, where three grouped matmuls have three of each (a third of
     the graph: the SavedModel export traces it several times)."""
-    e, lo, hi, _ = _schedule(group_sizes, block, tiles, group_expert)
-    start = ops.maximum(ops.minimum(lo, rows - block), 0)
-    index = start[:, None] + ops.arange(block, dtype="int32")[None, :]  # [tiles, block]
-    mine = ops.logical_and(index >= lo[:, None], index < hi[:, None])
-    index = ops.minimum(index, rows - 1)
+    e, index, mine = _ops_tiles(group_sizes, block, tiles, rows, group_expert)
     xs = ops.take(x, index, axis=0)
     gate = ops.einsum("tbd,tdo->tbo", xs, ops.take(wg, e, axis=0))
     up = ops.einsum("tbd,tdo->tbo", xs, ops.take(wu, e, axis=0))
     y = ops.einsum("tbo,toh->tbh", ops.silu(gate) * up, ops.take(wd, e, axis=0))
-    y = ops.where(mine[..., None], y, ops.zeros((), y.dtype))
-    target = ops.reshape(ops.where(mine, index, rows), (-1,))  # row `rows`: discarded
-    out = ops.segment_sum(ops.reshape(y, (-1, ops.shape(wd)[2])), target, num_segments=rows + 1)
-    return out[:rows]
+    return _ops_untile(y, index, mine, rows)
 
 
 @functools.lru_cache(maxsize=None)

@@ -238,12 +238,6 @@ def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
         watchdog.start()
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     forward = _ForwardSignals(proc)
-
-    def note_exit() -> None:  # when the process ended, whoever holds its stdout
-        proc.wait()
-        proc.exited_at = time.time()
-
-    threading.Thread(target=note_exit, name="engine-exit", daemon=True).start()
     try:
         with forward:
             for line in proc.stdout:
@@ -264,7 +258,6 @@ def wait_worker(proc: subprocess.Popen, log_fn: Callable[[str], None] = print,
                 tail.append(line)
                 if line.startswith(_ENGINE_PREFIXES):
                     log_fn(line)
-            proc.output_ended_at = time.time()
             proc.wait()
     finally:
         if watchdog:
@@ -298,7 +291,6 @@ class BatchFeeder(threading.Thread):
         self.error: Optional[BaseException] = None
         self.written = 0
         self.stop = threading.Event()
-        self.finished_at: Optional[float] = None  # time.time() when the feed ended
 
     def run(self) -> None:
         import numpy as np
@@ -318,7 +310,6 @@ class BatchFeeder(threading.Thread):
                 self.pipe.close()  # EOF for the child
             except OSError:
                 pass
-            self.finished_at = time.time()
 
 
 def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
@@ -330,7 +321,6 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
     `batches` (an iterable of [B, S] int arrays, for a spec with
     `"tokens": "stdin"`) a background thread streams them to the child.
     `stall_timeout_s`: kill the child as hung after that long without output."""
-    feeder = None
     if batches is None:
         proc = start_worker(spec, spec_path, env or worker_env())
         try:
@@ -371,15 +361,10 @@ def run_worker(spec: dict, spec_path: str, env: Optional[Dict[str, str]] = None,
     result_path = os.path.join(spec["output_dir"], "result.json")
     # Two make runs took ~54 s from the result to here: the feeder waiting on
     # tf.data for the end of its batches (fixed in trainer_input.stream_batches
-    # and above). Said when anything like it happens, with what ended when.
-    written = os.path.getmtime(result_path)
-    lag = time.time() - written
+    # and above: only the child is waited for now). Said if anything like it
+    # happens again.
+    lag = time.time() - os.path.getmtime(result_path)
     if lag > SLOW_EXIT_S:
-        feed = ("" if feeder is None or feeder.finished_at is None
-                else f", its batch feed {feeder.finished_at - written:+.1f} s")
-        exited = getattr(proc, "exited_at", None) or time.time()
-        log_fn(f"engine: {lag:.0f} s from its result to the end of its run: its process exited "
-               f"{exited - written:+.1f} s after the result, its output ended "
-               f"{proc.output_ended_at - written:+.1f} s{feed}")
+        log_fn(f"engine: its process and output ended {lag:.0f} s after it wrote its result")
     with open(result_path) as f:
         return json.load(f)
